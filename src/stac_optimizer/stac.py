@@ -1,0 +1,331 @@
+"""STAC for PyTorch: a SignSGD trunk and an AdamW cap."""
+
+import torch
+from torch.optim.adamw import adamw as adamw_functional
+
+from stac_optimizer._finite import all_finite
+from stac_optimizer.partition import partition_trainable_layers
+
+# Seed 000's argument names and the current names they stand for.
+ALIASES = {
+    "trunk_momentum": "sign_momentum",
+    "trunk_lr": "sign_lr",
+    "cap_lr": "adamw_lr",
+    "trunk_weight_decay": "sign_weight_decay",
+    "cap_weight_decay": "adamw_weight_decay",
+}
+
+# In hybrid mode the trunk takes this fraction of the public learning rate.
+SIGN_LR_SCALE = 0.75
+
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def sign_update(params, grads, momentum_buffers, *, lr, sign_momentum, weight_decay, maximize):
+    """The trunk's update, in place, one tensor at a time.
+
+    For each parameter p with gradient g (negated when ``maximize``)::
+
+        p <- p * (1 - lr * weight_decay)          decoupled weight decay
+        m <- beta * m + (1 - beta) * g            beta = sign_momentum
+        p <- p - lr * sign(m)
+
+    With ``sign_momentum == 0`` there is no ``m`` (``momentum_buffers`` holds
+    None) and the step is textbook signSGD, ``p <- p - lr * sign(g)``. A
+    low-precision momentum is updated in float32 and stored back in its dtype.
+    Transient memory: one tensor the size of the current parameter.
+    """
+    for param, grad, momentum in zip(params, grads, momentum_buffers):
+        if maximize:
+            grad = -grad
+        if weight_decay != 0.0:
+            param.mul_(1.0 - lr * weight_decay)
+        if momentum is None:
+            direction = grad
+        elif momentum.dtype == grad.dtype:
+            direction = momentum.mul_(sign_momentum).add_(grad, alpha=1.0 - sign_momentum)
+        else:
+            direction = momentum.float().mul_(sign_momentum).add_(grad.float(), alpha=1.0 - sign_momentum)
+            momentum.copy_(direction)
+        param.add_(torch.sign(direction), alpha=-lr)
+
+
+def _resolve_alias(given, current_name, current_value):
+    """The value of ``current_name``, taking seed 000's alias into account."""
+    for alias, name in ALIASES.items():
+        if name != current_name or alias not in given:
+            continue
+        alias_value = given[alias]
+        if current_value is not None and current_value != alias_value:
+            raise ValueError(
+                f"{alias} is seed 000's name for {current_name}; got {alias}={alias_value!r} "
+                f"and {current_name}={current_value!r}: give one of them")
+        return alias_value
+    return current_value
+
+
+def _resolve_dtype(sign_state_dtype):
+    if sign_state_dtype is None:
+        return None
+    if isinstance(sign_state_dtype, str):
+        name = sign_state_dtype.removeprefix("torch.")
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"sign_state_dtype must be a floating torch dtype or its name, got {sign_state_dtype!r}")
+        sign_state_dtype = dtype
+    if not isinstance(sign_state_dtype, torch.dtype) or not sign_state_dtype.is_floating_point:
+        raise ValueError(f"sign_state_dtype must be a floating torch dtype or its name, got {sign_state_dtype!r}")
+    return sign_state_dtype
+
+
+def _check_range(name, value, low, high=None, low_open=False, high_open=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or value != value:
+        interval = ("(" if low_open else "[") + f"{low}, " + (f"{high}" + (")" if high_open else "]") if high is not None else "inf)")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+class STAC(torch.optim.Optimizer):
+    r"""SignSGD Trunk, AdamW Cap.
+
+    The model's trainable layers, in registration order, are split in two (see
+    ``stac_optimizer.partition``): the last ``last_n_layers`` form the AdamW
+    *cap*, the earlier ones the sign *trunk*. Per parameter, with gradient g::
+
+        trunk:  p <- p (1 - lr_s wd_s);  m <- beta m + (1 - beta) g;  p <- p - lr_s sign(m)
+        cap:    torch.optim.AdamW with (lr_a, betas, eps, wd_a, amsgrad)
+
+    ============================  ===================================================
+    symbol                        argument
+    ============================  ===================================================
+    beta                          ``sign_momentum`` (0: plain signSGD, no state)
+    lr_a                          ``adamw_lr`` (default ``lr``)
+    lr_s                          ``sign_lr`` (default ``0.75 * lr`` when there is a
+                                  cap, ``lr`` when every layer is in the trunk)
+    wd_s / wd_a                   ``sign_weight_decay`` / ``adamw_weight_decay``
+                                  (default ``weight_decay``)
+    storage dtype of m            ``sign_state_dtype`` (default: the parameter's)
+    ============================  ===================================================
+
+    Seed 000's names still work: ``trunk_momentum``, ``trunk_lr``, ``cap_lr``,
+    ``trunk_weight_decay``, ``cap_weight_decay``; giving one with a different
+    value from its current name is a ValueError.
+
+    Each role is one param group (``group["role"]`` is ``"sign"`` or
+    ``"adamw"``) with its own ``lr``, so ``torch.optim.lr_scheduler`` schedulers
+    drive both. Optimizer state: the trunk keeps ``momentum_buffer`` per
+    parameter; the cap keeps ``step``, ``exp_avg``, ``exp_avg_sq`` (and
+    ``max_exp_avg_sq`` with amsgrad), as ``torch.optim.AdamW`` does.
+
+    A step whose dense gradients hold a NaN or an Inf changes nothing and is
+    counted in ``nonfinite_skipped_steps``; with ``error_if_nonfinite=True`` it
+    raises RuntimeError instead, still changing nothing.
+
+    Routing beyond "last N": ``adamw_norm_layers=True`` also sends every
+    normalization-layer parameter (BatchNorm, LayerNorm, GroupNorm, RMSNorm)
+    to the cap, as Zhao et al. (ICLR 2025) find adaptivity matters there;
+    ``adamw_params`` is a predicate over full parameter names for anything else.
+
+    References: Bernstein et al., signSGD (2018); Sun et al., Momentum ensures
+    convergence of SIGNSGD (ICML 2023); Loshchilov & Hutter, Decoupled weight
+    decay (ICLR 2019); Zhao et al., Deconstructing what makes a good optimizer
+    for autoregressive language models (ICLR 2025).
+
+    Example::
+
+        optimizer = STAC(model, lr=1e-3, last_n_layers=1, weight_decay=1e-2)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(optimizer.partition.table())
+    """
+
+    def __init__(self, model, *, lr=1e-3, last_n_layers=1, sign_momentum=None, sign_state_dtype=None,
+                 betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, sign_weight_decay=None,
+                 adamw_weight_decay=None, sign_lr=None, adamw_lr=None, amsgrad=False, maximize=False,
+                 error_if_nonfinite=False, adamw_norm_layers=False, adamw_params=None,
+                 trunk_momentum=None, trunk_lr=None, cap_lr=None, trunk_weight_decay=None,
+                 cap_weight_decay=None):
+        given_aliases = {name: value for name, value in [
+            ("trunk_momentum", trunk_momentum), ("trunk_lr", trunk_lr), ("cap_lr", cap_lr),
+            ("trunk_weight_decay", trunk_weight_decay), ("cap_weight_decay", cap_weight_decay),
+        ] if value is not None}
+        sign_momentum = _resolve_alias(given_aliases, "sign_momentum", sign_momentum)
+        sign_lr = _resolve_alias(given_aliases, "sign_lr", sign_lr)
+        adamw_lr = _resolve_alias(given_aliases, "adamw_lr", adamw_lr)
+        sign_weight_decay = _resolve_alias(given_aliases, "sign_weight_decay", sign_weight_decay)
+        adamw_weight_decay = _resolve_alias(given_aliases, "adamw_weight_decay", adamw_weight_decay)
+        if sign_momentum is None:
+            sign_momentum = 0.9
+
+        _check_range("lr", lr, 0.0)
+        _check_range("sign_momentum", sign_momentum, 0.0, 1.0)
+        _check_range("eps", eps, 0.0)
+        _check_range("weight_decay", weight_decay, 0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for index, beta in enumerate(betas):
+            _check_range(f"betas[{index}]", beta, 0.0, 1.0)
+        for name, value in (("sign_lr", sign_lr), ("adamw_lr", adamw_lr), ("sign_weight_decay", sign_weight_decay),
+                            ("adamw_weight_decay", adamw_weight_decay)):
+            if value is not None:
+                _check_range(name, value, 0.0)
+        sign_state_dtype = _resolve_dtype(sign_state_dtype)
+
+        self.partition = partition_trainable_layers(
+            model, last_n_layers, adamw_norm_layers=adamw_norm_layers, adamw_params=adamw_params)
+        hybrid = bool(self.partition.sign_layers) and bool(self.partition.adamw_layers)
+        if sign_lr is None:
+            sign_lr = SIGN_LR_SCALE * lr if hybrid else lr
+        self.sign_state_dtype = sign_state_dtype
+        self.error_if_nonfinite = bool(error_if_nonfinite)
+        self.nonfinite_skipped_steps = 0
+
+        groups = []
+        if self.partition.sign_layers:
+            groups.append({
+                "params": self.partition.sign_parameters, "role": "sign", "lr": sign_lr,
+                "sign_momentum": sign_momentum,
+                "weight_decay": weight_decay if sign_weight_decay is None else sign_weight_decay,
+                "maximize": bool(maximize),
+                "layer_names": list(self.partition.sign_layer_names),
+                "param_names": list(self.partition.sign_parameter_names),
+            })
+        if self.partition.adamw_layers:
+            groups.append({
+                "params": self.partition.adamw_parameters, "role": "adamw",
+                "lr": lr if adamw_lr is None else adamw_lr, "betas": tuple(betas), "eps": eps,
+                "weight_decay": weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+                "amsgrad": bool(amsgrad), "maximize": bool(maximize),
+                "layer_names": list(self.partition.adamw_layer_names),
+                "param_names": list(self.partition.adamw_parameter_names),
+            })
+        super().__init__(groups, {})
+        self._groups_built = True
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_groups_built", False):
+            raise RuntimeError(
+                "STAC derives its parameter groups from the model's structure; add_param_group() is not "
+                "supported. Build a new STAC from the model instead.")
+        super().add_param_group(param_group)
+
+    def _grads_of(self, group):
+        params, grads = [], []
+        for param, name in zip(group["params"], group["param_names"]):
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(f"STAC does not support sparse gradients (parameter {name!r})")
+            params.append(param)
+            grads.append(param.grad)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One STAC step. Returns the closure's loss, if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with_grads = [self._grads_of(group) for group in self.param_groups]
+        if not all_finite([g for _, grads in with_grads for g in grads]):
+            if self.error_if_nonfinite:
+                raise RuntimeError("STAC: a gradient holds NaN or Inf; parameters and state were left unchanged "
+                                   "(error_if_nonfinite=True)")
+            self.nonfinite_skipped_steps += 1
+            return loss
+        for group, (params, grads) in zip(self.param_groups, with_grads):
+            if params:
+                (self._sign_step if group["role"] == "sign" else self._adamw_step)(group, params, grads)
+        return loss
+
+    def _sign_step(self, group, params, grads):
+        momentum_buffers = []
+        for param in params:
+            state = self.state[param]
+            if group["sign_momentum"] == 0.0:
+                momentum_buffers.append(None)
+                continue
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(
+                    param, dtype=self.sign_state_dtype or param.dtype, memory_format=torch.preserve_format)
+            momentum_buffers.append(state["momentum_buffer"])
+        sign_update(params, grads, momentum_buffers, lr=group["lr"], sign_momentum=group["sign_momentum"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+    def _adamw_step(self, group, params, grads):
+        fused = all(p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+        for param in params:
+            state = self.state[param]
+            if not state:
+                # The fused kernel wants its step count as a float32 tensor on the parameter's device.
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adamw_functional(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, fused=fused,
+                         foreach=False, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                         weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+    # Checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        state_dict["nonfinite_skipped_steps"] = self.nonfinite_skipped_steps
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        """Load a checkpoint of this model's STAC, after checking it fits.
+
+        The saved roles, layer names, parameter names and state-tensor shapes
+        must match this optimizer; otherwise a ValueError names the difference
+        and nothing is changed. State dtypes are kept as saved (torch would cast
+        a bf16 ``momentum_buffer`` to the parameter's dtype).
+        """
+        self._check_checkpoint(state_dict)
+        saved_state = state_dict["state"]
+        skipped = state_dict.get("nonfinite_skipped_steps", 0)
+        super().load_state_dict({key: value for key, value in state_dict.items() if key != "nonfinite_skipped_steps"})
+        flat_params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in saved_state.items():
+            param = flat_params[index]
+            for key, value in saved.items():
+                if torch.is_tensor(value) and self.state[param][key].dtype != value.dtype:
+                    self.state[param][key] = value.detach().to(device=self.state[param][key].device, copy=True)
+        self.nonfinite_skipped_steps = int(skipped)
+
+    def _check_checkpoint(self, state_dict):
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as STAC.state_dict() returns")
+        saved_groups = state_dict["param_groups"]
+        if [g.get("role") for g in saved_groups] != [g["role"] for g in self.param_groups]:
+            raise ValueError(f"checkpoint roles {[g.get('role') for g in saved_groups]} do not match this "
+                             f"optimizer's {[g['role'] for g in self.param_groups]}")
+        flat_params = []
+        for saved, group in zip(saved_groups, self.param_groups):
+            role = group["role"]
+            for key in ("layer_names", "param_names"):
+                if list(saved.get(key, [])) != list(group[key]):
+                    raise ValueError(f"checkpoint {role} {key.replace('_', ' ')} {list(saved.get(key, []))} do not "
+                                     f"match this model's {list(group[key])}")
+            flat_params.extend(zip(group["params"], group["param_names"]))
+        for index, saved in state_dict["state"].items():
+            if not isinstance(index, int) or not 0 <= index < len(flat_params):
+                raise ValueError(f"checkpoint state refers to parameter index {index!r}, which this optimizer lacks")
+            param, name = flat_params[index]
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.shape != param.shape:
+                    raise ValueError(f"checkpoint state {key!r} of parameter {name!r} has shape "
+                                     f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
