@@ -1,0 +1,91 @@
+"""Pieces STAM and STAMLite (JAX) share: range checks, the non-finite policy, the seed's class API."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def check_range(name, value, low, high=None, *, low_open=False, high_open=False):
+    """ValueError naming ``name`` when a concrete number is out of range.
+
+    Arrays, tracers and schedules are not checked here: they are data (so
+    ``optax.inject_hyperparams`` and ``jit`` work) and the caller owns them.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or value != value:
+        upper = "inf)" if high is None else f"{high}" + (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {upper}, got {value!r}")
+
+
+def scalar_dtype(param):
+    """Tensor-level statistics are kept in at least float32 (float64 for float64 parameters)."""
+    return jnp.promote_types(param.dtype, jnp.float32)
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of ``skip_nonfinite``."""
+
+    inner_state: Any
+    nonfinite_skipped_steps: jax.Array  # int32: steps skipped because a gradient held NaN or Inf
+
+
+def skip_nonfinite(inner):
+    """The library's non-finite policy around ``inner``.
+
+    When any gradient leaf holds a NaN or an Inf the step changes nothing: the
+    updates are zero, the inner state is kept as it was, and
+    ``nonfinite_skipped_steps`` counts it. One finiteness flag and ``jnp.where``,
+    so it runs under ``jax.jit`` without Python control flow.
+    """
+
+    def init(params):
+        return SkipNonfiniteState(inner.init(params), jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(updates)]))
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+        new_inner = jax.tree.map(keep, new_inner, state.inner_state)
+        skipped = state.nonfinite_skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
+        return new_updates, SkipNonfiniteState(new_inner, skipped)
+
+    return optax.GradientTransformation(init, update)
+
+
+def all_finite(tree):
+    return bool(jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)])))
+
+
+class SeedOptimizer:
+    """The seed's object API over an optax transformation.
+
+    ``updates, state = opt.update(grads, state, params)`` returns updates the
+    user *subtracts* (``params - updates``), as seed 002's quickstart does; they
+    are the negated optax updates. The update is one jitted computation over the
+    whole pytree.
+    """
+
+    def __init__(self, transformation, error_if_nonfinite):
+        self.transformation = transformation
+        self.error_if_nonfinite = bool(error_if_nonfinite)
+        self._update = jax.jit(self._subtractive_update)
+
+    def _subtractive_update(self, grads, state, params):
+        updates, state = self.transformation.update(grads, state, params)
+        return jax.tree.map(jnp.negative, updates), state
+
+    def init(self, params):
+        return self.transformation.init(params)
+
+    def update(self, grads, state, params=None):
+        if self.error_if_nonfinite and not all_finite(grads):
+            raise FloatingPointError(
+                f"{type(self).__name__}: a gradient holds NaN or Inf (error_if_nonfinite=True); "
+                "no update was computed and the state is unchanged")
+        return self._update(grads, state, params)

@@ -1,0 +1,151 @@
+"""STAM for JAX/optax: AdamW with a variance-adaptive beta1 (seed 002)."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stam_optimizer.jax._common import SeedOptimizer, check_range, scalar_dtype, skip_nonfinite
+
+# sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard).
+VARIANCE_CAP = 10.0
+
+
+class STAMState(NamedTuple):
+    """State of ``scale_by_stam``; every field but ``count`` is a pytree like the parameters."""
+
+    count: jax.Array  # int32, steps taken
+    mu: optax.Updates  # first moment, decayed with the adaptive beta1
+    nu: optax.Updates  # second moment, decayed with b2
+    variance: optax.Updates  # per tensor (0-d): EMA of mean(r^2), r = g - mu
+    scale: optax.Updates  # per tensor (0-d): EMA of mean(|r|), the running scale tau
+    beta1: optax.Updates  # per tensor (0-d): the beta1 used at the last step (for logging)
+    beta1_product: optax.Updates  # per tensor (0-d): product of every beta1 used, for bias correction
+
+
+def _stam_leaf(grad, mu, nu, variance, scale, beta1_product, count, *, b1_base, b2, adapt_strength, tau_decay,
+               eps):
+    """One tensor's STAM direction and new state (see ``scale_by_stam``)."""
+    stat_dtype = variance.dtype
+    residual = (grad - mu).astype(stat_dtype)
+    new_variance = b2 * variance + (1 - b2) * jnp.mean(jnp.square(residual))
+    new_scale = tau_decay * scale + (1 - tau_decay) * jnp.mean(jnp.abs(residual))
+    finite = jnp.isfinite(new_variance) & jnp.isfinite(new_scale)
+    new_variance = jnp.minimum(new_variance, VARIANCE_CAP * jnp.square(new_scale))
+    z = new_variance / (jnp.square(new_scale) + eps)
+    adapted = jnp.clip(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
+    beta1 = jnp.where(finite, adapted, b1_base).astype(stat_dtype)
+    variance = jnp.where(finite, new_variance, variance)
+    scale = jnp.where(finite, new_scale, scale)
+
+    mu = (beta1 * mu + (1 - beta1) * grad).astype(mu.dtype)
+    nu = (b2 * nu + (1 - b2) * jnp.square(grad)).astype(nu.dtype)
+    beta1_product = beta1_product * beta1
+    mu_hat = mu / (1 - beta1_product)
+    nu_hat = nu / (1 - b2 ** count.astype(stat_dtype))
+    direction = (mu_hat / (jnp.sqrt(nu_hat) + eps)).astype(grad.dtype)
+    return direction, mu, nu, variance, scale, beta1, beta1_product
+
+
+def scale_by_stam(b1_base=0.9, b2=0.999, adapt_strength=0.2, tau_decay=0.99, eps=1e-8):
+    r"""STAM's direction, as an optax block: ``mu_hat / (sqrt(nu_hat) + eps)``.
+
+    Per tensor, at step t (1-based), with gradient g::
+
+        r      = g - mu_{t-1}
+        var_t  = b2 var_{t-1} + (1 - b2) mean(r^2)          capped at 10 tau_t^2
+        tau_t  = tau_decay tau_{t-1} + (1 - tau_decay) mean(|r|)
+        z      = var_t / (tau_t^2 + eps),   s = z / (1 + z)
+        beta1  = clip(b1_base (1 - adapt_strength s), b1_base (1 - adapt_strength), b1_base)
+        mu_t   = beta1 mu_{t-1} + (1 - beta1) g
+        nu_t   = b2 nu_{t-1} + (1 - b2) g^2
+        out    = [mu_t / (1 - prod_i beta1_i)] / (sqrt(nu_t / (1 - b2^t)) + eps)
+
+    If var_t or tau_t is not finite, beta1 falls back to b1_base and both keep
+    their previous values. Hyperparameters may be arrays (``inject_hyperparams``).
+    """
+
+    def init(params):
+        zeros = lambda p: jnp.zeros([], scalar_dtype(p))  # noqa: E731
+        return STAMState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(jnp.zeros_like, params),
+            nu=jax.tree.map(jnp.zeros_like, params),
+            variance=jax.tree.map(zeros, params),
+            scale=jax.tree.map(zeros, params),
+            beta1=jax.tree.map(lambda p: jnp.full([], b1_base, scalar_dtype(p)), params),
+            beta1_product=jax.tree.map(lambda p: jnp.ones([], scalar_dtype(p)), params),
+        )
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        leaf = lambda g, mu, nu, var, scale, prod: _stam_leaf(  # noqa: E731
+            g, mu, nu, var, scale, prod, count, b1_base=b1_base, b2=b2, adapt_strength=adapt_strength,
+            tau_decay=tau_decay, eps=eps)
+        per_leaf = jax.tree.map(leaf, updates, state.mu, state.nu, state.variance, state.scale,
+                                state.beta1_product)
+        direction, mu, nu, variance, scale, beta1, beta1_product = (
+            jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(7))
+        return direction, STAMState(count, mu, nu, variance, scale, beta1, beta1_product)
+
+    return optax.GradientTransformation(init, update)
+
+
+def stam(learning_rate=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_strength=0.2, tau_decay=0.99,
+         eps=1e-8, mask=None):
+    r"""STAM as an ``optax.GradientTransformation`` (optax's sign: ``optax.apply_updates`` adds it).
+
+    ``params <- params - learning_rate * (direction + weight_decay * params)``, with
+    ``direction`` from ``scale_by_stam``; ``learning_rate`` is a float or an optax
+    schedule, ``mask`` selects the parameters that get weight decay (as in
+    ``optax.adamw``). A step whose gradients hold NaN or Inf changes nothing and is
+    counted in ``state.nonfinite_skipped_steps``.
+
+    ===============  ==========  ========  =====================================
+    argument         default     range     meaning
+    ===============  ==========  ========  =====================================
+    learning_rate    1e-3        >= 0      step size (or schedule)
+    b1_base          0.9         (0, 1)    base first-moment decay
+    b2               0.999       (0, 1)    second-moment and variance decay
+    weight_decay     0.01        >= 0      decoupled weight decay
+    adapt_strength   0.2         [0, 0.5]  how far beta1 may drop below b1_base
+    tau_decay        0.99        (0, 1)    decay of the running scale tau
+    eps              1e-8        > 0       denominator guard
+    ===============  ==========  ========  =====================================
+
+    With ``adapt_strength=0`` this is ``optax.adamw``. Example::
+
+        optimizer = stam(learning_rate=1e-3)
+        state = optimizer.init(params)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    """
+    if not callable(learning_rate):
+        check_range("learning_rate", learning_rate, 0.0)
+    check_range("b1_base", b1_base, 0.0, 1.0, low_open=True, high_open=True)
+    check_range("b2", b2, 0.0, 1.0, low_open=True, high_open=True)
+    check_range("weight_decay", weight_decay, 0.0)
+    check_range("adapt_strength", adapt_strength, 0.0, 0.5)
+    check_range("tau_decay", tau_decay, 0.0, 1.0, low_open=True, high_open=True)
+    check_range("eps", eps, 0.0, low_open=True)
+    return skip_nonfinite(optax.chain(
+        scale_by_stam(b1_base, b2, adapt_strength, tau_decay, eps),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    ))
+
+
+class STAM(SeedOptimizer):
+    """STAM with seed 002's API: ``updates, state = opt.update(grads, state, params)``; ``params - updates``.
+
+    Arguments as ``stam`` (without ``mask``), plus ``error_if_nonfinite``: raise
+    FloatingPointError on a NaN/Inf gradient instead of skipping the step (checked
+    on the host before the jitted update, so it costs one device sync per step).
+    """
+
+    def __init__(self, learning_rate=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_strength=0.2,
+                 tau_decay=0.99, eps=1e-8, error_if_nonfinite=False):
+        super().__init__(stam(learning_rate, b1_base, b2, weight_decay, adapt_strength, tau_decay, eps),
+                         error_if_nonfinite)

@@ -1,0 +1,143 @@
+"""STAMLite for JAX/optax: STAM's adaptive beta1 from cheap tensor moments, RMS denominator (seed 002)."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stam_optimizer.jax._common import SeedOptimizer, check_range, scalar_dtype, skip_nonfinite
+
+
+class STAMLiteState(NamedTuple):
+    """State of ``scale_by_stam_lite``; every field but ``count`` is a pytree like the parameters."""
+
+    count: jax.Array  # int32, steps taken
+    mu: optax.Updates  # first moment, stored in state_dtype
+    grad_mean: optax.Updates  # per tensor (0-d): EMA of mean(g)
+    grad_sq_mean: optax.Updates  # per tensor (0-d): EMA of mean(g^2)
+    beta1: optax.Updates  # per tensor (0-d): the beta1 in use (recomputed every beta1_update_interval steps)
+    beta1_product: optax.Updates  # per tensor (0-d): product of every beta1 used, for bias correction
+
+
+def _stam_lite_leaf(grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, count, *, b1_base, adapt_strength,
+                    moment_decay, beta1_update_interval, eps):
+    """One tensor's STAMLite direction and new state (see ``scale_by_stam_lite``)."""
+    stat_dtype = grad_mean.dtype
+    g = grad.astype(stat_dtype)
+    new_mean = moment_decay * grad_mean + (1 - moment_decay) * jnp.mean(g)
+    new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * jnp.mean(jnp.square(g))
+    finite = jnp.isfinite(new_mean) & jnp.isfinite(new_sq_mean)
+    grad_mean = jnp.where(finite, new_mean, grad_mean)
+    grad_sq_mean = jnp.where(finite, new_sq_mean, grad_sq_mean)
+    z = jnp.maximum(grad_sq_mean - jnp.square(grad_mean), 0) / (grad_sq_mean + eps)
+    adapted = jnp.clip(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
+    refresh = (count - 1) % beta1_update_interval == 0
+    beta1 = jnp.where(finite, jnp.where(refresh, adapted, beta1), b1_base).astype(stat_dtype)
+
+    mu_full = beta1 * mu.astype(stat_dtype) + (1 - beta1) * g
+    beta1_product = beta1_product * beta1
+    rms = jnp.sqrt(grad_sq_mean / (1 - moment_decay ** count.astype(stat_dtype))) + eps
+    direction = (mu_full / (1 - beta1_product) / rms).astype(grad.dtype)
+    return direction, mu_full.astype(mu.dtype), grad_mean, grad_sq_mean, beta1, beta1_product
+
+
+def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1_update_interval=5,
+                       state_dtype=jnp.float32, eps=1e-8):
+    r"""STAMLite's direction, as an optax block: ``mu_hat / RMS``.
+
+    Per tensor, at step t (1-based), with gradient g and k = beta1_update_interval::
+
+        E[g]_t   = moment_decay E[g]_{t-1}   + (1 - moment_decay) mean(g)
+        E[g^2]_t = moment_decay E[g^2]_{t-1} + (1 - moment_decay) mean(g^2)
+        z        = max(E[g^2]_t - E[g]_t^2, 0) / (E[g^2]_t + eps),   s = z / (1 + z)
+        beta1    = clip(b1_base (1 - adapt_strength s), b1_base (1 - adapt_strength), b1_base)
+                   recomputed on steps 1, 1 + k, 1 + 2k, ..., held in between
+        mu_t     = beta1 mu_{t-1} + (1 - beta1) g                 (stored in state_dtype)
+        out      = [mu_t / (1 - prod_i beta1_i)] / (sqrt(E[g^2]_t / (1 - moment_decay^t)) + eps)
+
+    No per-parameter second moment: the denominator is one number per tensor.
+    If the moments are not finite, beta1 falls back to b1_base and they keep
+    their previous values.
+    """
+
+    def init(params):
+        return STAMLiteState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(lambda p: jnp.zeros(p.shape, state_dtype), params),
+            grad_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params),
+            grad_sq_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params),
+            beta1=jax.tree.map(lambda p: jnp.full([], b1_base, scalar_dtype(p)), params),
+            beta1_product=jax.tree.map(lambda p: jnp.ones([], scalar_dtype(p)), params),
+        )
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        leaf = lambda g, mu, mean, sq_mean, beta1, prod: _stam_lite_leaf(  # noqa: E731
+            g, mu, mean, sq_mean, beta1, prod, count, b1_base=b1_base, adapt_strength=adapt_strength,
+            moment_decay=moment_decay, beta1_update_interval=beta1_update_interval, eps=eps)
+        per_leaf = jax.tree.map(leaf, updates, state.mu, state.grad_mean, state.grad_sq_mean, state.beta1,
+                                state.beta1_product)
+        direction, mu, grad_mean, grad_sq_mean, beta1, beta1_product = (
+            jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(6))
+        return direction, STAMLiteState(count, mu, grad_mean, grad_sq_mean, beta1, beta1_product)
+
+    return optax.GradientTransformation(init, update)
+
+
+def stam_lite(learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength=0.2, moment_decay=0.99,
+              beta1_update_interval=5, state_dtype=jnp.float32, eps=1e-8, mask=None):
+    r"""STAMLite as an ``optax.GradientTransformation`` (optax's sign: ``optax.apply_updates`` adds it).
+
+    ``params <- params - learning_rate * (direction + weight_decay * params)``,
+    ``direction`` from ``scale_by_stam_lite``. Cheaper than STAM: one moment per
+    parameter (AdamW keeps two), tensor-level statistics only. Non-finite steps
+    change nothing and are counted in ``state.nonfinite_skipped_steps``.
+
+    =====================  ==========  ========  ==================================
+    argument               default     range     meaning
+    =====================  ==========  ========  ==================================
+    learning_rate          1e-3        >= 0      step size (or schedule)
+    b1_base                0.9         (0, 1)    base first-moment decay
+    weight_decay           0.01        >= 0      decoupled weight decay
+    adapt_strength         0.2         [0, 0.5]  how far beta1 may drop below b1_base
+    moment_decay           0.99        (0, 1)    decay of the gradient moments
+    beta1_update_interval  5           >= 1      recompute beta1 every k steps
+    state_dtype            float32     dtype     storage dtype of mu
+    eps                    1e-8        > 0       denominator guard
+    =====================  ==========  ========  ==================================
+    """
+    if not callable(learning_rate):
+        check_range("learning_rate", learning_rate, 0.0)
+    check_range("b1_base", b1_base, 0.0, 1.0, low_open=True, high_open=True)
+    check_range("weight_decay", weight_decay, 0.0)
+    check_range("adapt_strength", adapt_strength, 0.0, 0.5)
+    check_range("moment_decay", moment_decay, 0.0, 1.0, low_open=True, high_open=True)
+    if isinstance(beta1_update_interval, bool) or not isinstance(beta1_update_interval, int) \
+            or beta1_update_interval < 1:
+        raise ValueError(f"beta1_update_interval must be an integer >= 1, got {beta1_update_interval!r}")
+    try:
+        state_dtype = jnp.dtype(state_dtype)
+    except TypeError:
+        raise ValueError(f"state_dtype must be a floating dtype such as jnp.bfloat16, got {state_dtype!r}") from None
+    if not jnp.issubdtype(state_dtype, jnp.floating):
+        raise ValueError(f"state_dtype must be a floating dtype such as jnp.bfloat16, got {state_dtype!r}")
+    check_range("eps", eps, 0.0, low_open=True)
+    return skip_nonfinite(optax.chain(
+        scale_by_stam_lite(b1_base, adapt_strength, moment_decay, beta1_update_interval, state_dtype, eps),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    ))
+
+
+class STAMLite(SeedOptimizer):
+    """STAMLite with seed 002's API: ``updates, state = opt.update(grads, state, params)``; ``params - updates``.
+
+    Arguments as ``stam_lite`` (without ``mask``), plus ``error_if_nonfinite`` (see ``STAM``).
+    """
+
+    def __init__(self, learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength=0.2, moment_decay=0.99,
+                 beta1_update_interval=5, state_dtype=jnp.float32, eps=1e-8, error_if_nonfinite=False):
+        super().__init__(stam_lite(learning_rate, b1_base, weight_decay, adapt_strength, moment_decay,
+                                   beta1_update_interval, state_dtype, eps), error_if_nonfinite)
