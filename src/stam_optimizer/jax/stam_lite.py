@@ -64,7 +64,7 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
     def init(params):
         return STAMLiteState(
             count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(lambda p: jnp.zeros(p.shape, state_dtype), params),
+            mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=state_dtype), params),  # keeps p's sharding
             grad_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params),
             grad_sq_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params),
             beta1=jax.tree.map(lambda p: jnp.full([], b1_base, scalar_dtype(p)), params),
@@ -114,8 +114,8 @@ def stam_lite(learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength
     check_range("weight_decay", weight_decay, 0.0)
     check_range("adapt_strength", adapt_strength, 0.0, 0.5)
     check_range("moment_decay", moment_decay, 0.0, 1.0, low_open=True, high_open=True)
-    if isinstance(beta1_update_interval, bool) or not isinstance(beta1_update_interval, int) \
-            or beta1_update_interval < 1:
+    if isinstance(beta1_update_interval, (bool, float)) or (
+            isinstance(beta1_update_interval, int) and beta1_update_interval < 1):
         raise ValueError(f"beta1_update_interval must be an integer >= 1, got {beta1_update_interval!r}")
     try:
         state_dtype = jnp.dtype(state_dtype)

@@ -1,0 +1,199 @@
+"""One registry of the library's optax transformations drives the behaviours every one must have."""
+
+import functools
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from stam_optimizer import stam, stam_lite
+
+# name -> factory(learning_rate, **hyperparameters) of an optax GradientTransformation.
+OPTIMIZERS_UNDER_TEST = {
+    "stam": stam,
+    "stam_lite": functools.partial(stam_lite, beta1_update_interval=2),
+}
+NAMES = sorted(OPTIMIZERS_UNDER_TEST)
+
+
+def make(name, **hyperparameters):
+    return OPTIMIZERS_UNDER_TEST[name](**{"learning_rate": 1e-2, **hyperparameters})
+
+
+def make_params():
+    return {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.zeros(4)},
+            "scale": jnp.ones(())}
+
+
+def grads_at(step, params):
+    return jax.tree.map(lambda p: jnp.cos(p * 3.0 + step) + 0.1 * step, params)
+
+
+def run(optimizer, steps=4, params=None, update=None):
+    params = make_params() if params is None else params
+    state = optimizer.init(params)
+    update = update or jax.jit(optimizer.update)
+    for step in range(steps):
+        updates, state = update(grads_at(step, params), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def assert_trees_close(a, b, **tolerance):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jitted_equals_eager_and_does_not_recompile(name):
+    optimizer = make(name)
+    traces = []
+
+    def counted_update(grads, state, params):
+        traces.append(1)
+        return optimizer.update(grads, state, params)
+
+    jitted, _ = run(optimizer, update=jax.jit(counted_update))
+    eager, _ = run(optimizer, update=optimizer.update)
+    assert len(traces) == 1
+    assert_trees_close(jitted, eager, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_matches_and_changing_them_does_not_recompile(name):
+    injected = optax.inject_hyperparams(OPTIMIZERS_UNDER_TEST[name])(learning_rate=1e-2, adapt_strength=0.3)
+    plain = make(name, adapt_strength=0.3)
+    # Hyperparameters as arrays instead of folded constants: float32 rounding differs slightly.
+    assert_trees_close(run(injected)[0], run(plain)[0], rtol=1e-5, atol=1e-7)
+
+    traces = []
+    params = make_params()
+    state = injected.init(params)
+
+    @jax.jit
+    def update(grads, state, params):
+        traces.append(1)
+        return injected.update(grads, state, params)
+
+    for step in range(3):
+        state.hyperparams["learning_rate"] = jnp.asarray(1e-2 / (step + 1))
+        state.hyperparams["adapt_strength"] = jnp.asarray(0.1 * step)
+        _, state = update(grads_at(step, params), state, params)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multi_steps_accumulation_equals_one_step_on_the_mean_gradient(name):
+    params = make_params()
+    accumulated = optax.MultiSteps(make(name), every_k_schedule=2)
+    state = accumulated.init(params)
+    g0, g1 = grads_at(0, params), grads_at(1, params)
+    updates0, state = accumulated.update(g0, state, params)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates0))
+    updates, _ = accumulated.update(g1, state, params)
+    single = make(name)
+    expected, _ = single.update(jax.tree.map(lambda a, b: (a + b) / 2, g0, g1), single.init(params), params)
+    assert_trees_close(updates, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_composes_with_clipping_schedules_and_masks(name):
+    clipped = optax.chain(optax.clip_by_global_norm(1e-3), make(name))
+    assert jax.tree.structure(run(clipped)[0]) == jax.tree.structure(make_params())
+    schedule = optax.linear_schedule(1e-2, 0.0, 4)
+    scheduled_final, _ = run(make(name, learning_rate=schedule), steps=6)
+    after_four, _ = run(make(name, learning_rate=schedule), steps=4)
+    assert_trees_close(scheduled_final, after_four, rtol=0, atol=0)  # learning rate 0 after step 4
+    # Weight decay only where the mask says so: with zero gradients only masked leaves move.
+    params = make_params()
+    masked = make(name, weight_decay=0.5, mask={"dense": {"kernel": True, "bias": False},
+                                                                  "scale": False})
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = masked.update(zero, masked.init(params), params)
+    assert bool(jnp.any(updates["dense"]["kernel"] != 0))
+    assert float(updates["scale"]) == 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nonfinite_step_changes_nothing_and_is_counted(name):
+    optimizer = make(name)
+    params, state = run(optimizer, steps=2)
+    bad = jax.tree.map(jnp.ones_like, params)
+    bad["dense"]["bias"] = bad["dense"]["bias"].at[1].set(jnp.inf)
+    updates, new_state = jax.jit(optimizer.update)(bad, state, params)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    assert_trees_close(new_state.inner_state, state.inner_state, rtol=0, atol=0)
+    assert int(new_state.nonfinite_skipped_steps) == int(state.nonfinite_skipped_steps) + 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_round_trips_through_flax_serialization_and_pickle_and_resumes_exactly(name):
+    optimizer = make(name)
+    params, state = run(optimizer, steps=3)
+    template = optimizer.init(params)
+    restored = flax.serialization.from_bytes(template, flax.serialization.to_bytes(state))
+    pickled = pickle.loads(pickle.dumps(jax.device_get(state)))
+    update = jax.jit(optimizer.update)
+    outcomes = []
+    for resumed in (state, restored, pickled):
+        current = params
+        for step in range(3, 5):
+            updates, resumed = update(grads_at(step, current), resumed, current)
+            current = optax.apply_updates(current, updates)
+        outcomes.append(current)
+    assert_trees_close(outcomes[0], outcomes[1], rtol=0, atol=0)
+    assert_trees_close(outcomes[0], outcomes[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_from_shapes_with_eval_shape(name):
+    optimizer = make(name)
+    shapes = jax.eval_shape(optimizer.init, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                                                         make_params()))
+    concrete = optimizer.init(make_params())
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(lambda a: (a.shape, a.dtype), concrete)
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from stam_optimizer import stam, stam_lite
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4), ("model",))
+    params = {"kernel": jnp.arange(64.0).reshape(8, 8) / 64.0, "bias": jnp.linspace(-1, 1, 8)}
+    shardings = {"kernel": NamedSharding(mesh, P("model", None)), "bias": NamedSharding(mesh, P("model"))}
+    for make in (stam, stam_lite):
+        optimizer = make(learning_rate=1e-2)
+        sharded = jax.device_put(params, shardings)
+        # init eagerly: state leaves take the parameters' shardings (under jit, XLA would place
+        # fresh zeros on one device, for optax's own optimizers too).
+        state = optimizer.init(sharded)
+        assert state.inner_state[0].mu["kernel"].sharding.is_equivalent_to(shardings["kernel"], 2)
+        update = jax.jit(optimizer.update)
+        plain, plain_state = params, optimizer.init(params)
+        for step in range(3):
+            grads = jax.tree.map(lambda p: jnp.sin(p + step), sharded)
+            updates, state = update(grads, state, sharded)
+            sharded = optax.apply_updates(sharded, updates)
+            updates, plain_state = optimizer.update(jax.tree.map(lambda p: jnp.sin(p + step), plain), plain_state,
+                                                    plain)
+            plain = optax.apply_updates(plain, updates)
+        assert sharded["kernel"].sharding.is_equivalent_to(shardings["kernel"], 2)
+        assert state.inner_state[0].mu["kernel"].sharding.is_equivalent_to(shardings["kernel"], 2)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), sharded, plain)
+    print("sharded ok", len(jax.devices()))
+""")
+
+
+def test_sharded_state_follows_the_parameters_and_matches_the_unsharded_run():
+    result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "sharded ok 4" in result.stdout
