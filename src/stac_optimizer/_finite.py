@@ -1,4 +1,4 @@
-"""The library's one non-finite-gradient check for PyTorch (used by STAC and by STAM/STAMLite)."""
+"""The library's non-finite policy for PyTorch, shared by STAC and STAM/STAMLite."""
 
 import torch
 
@@ -19,3 +19,85 @@ def all_finite(tensors):
         if not bool(torch.stack([m.float() for m in max_abs]).isfinite().all()):
             return False
     return True
+
+
+class SkipNonfiniteOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` with the library's step and checkpoint rules.
+
+    - A step whose dense gradients hold a NaN or an Inf changes no parameter and
+      no state and is counted in ``nonfinite_skipped_steps``; with
+      ``error_if_nonfinite=True`` it raises RuntimeError instead, still changing
+      nothing. Sparse gradients are refused.
+    - ``state_dict()`` carries ``nonfinite_skipped_steps``; ``load_state_dict``
+      keeps every state tensor in the dtype it was saved in (torch would cast
+      floating state to the parameter's dtype: a bf16 moment would come back
+      fp32, an fp32 statistic of a bf16 parameter would come back bf16).
+
+    Subclasses implement ``_update_group(group, params, grads)`` and may override
+    ``_check_checkpoint(state_dict)`` to refuse a checkpoint before anything changes.
+    """
+
+    def __init__(self, params, defaults, error_if_nonfinite):
+        super().__init__(params, defaults)
+        self.error_if_nonfinite = bool(error_if_nonfinite)
+        self.nonfinite_skipped_steps = 0
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite_skipped_steps", 0)
+        self.__dict__.setdefault("error_if_nonfinite", False)
+
+    def _params_with_grads(self, group):
+        params, grads = [], []
+        names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+        for param, name in zip(group["params"], names):
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name!r})")
+            params.append(param)
+            grads.append(param.grad)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step. Returns the closure's loss, if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with_grads = [self._params_with_grads(group) for group in self.param_groups]
+        if not all_finite([g for _, grads in with_grads for g in grads]):
+            if self.error_if_nonfinite:
+                raise RuntimeError(f"{type(self).__name__}: a gradient holds NaN or Inf; parameters and state "
+                                   "were left unchanged (error_if_nonfinite=True)")
+            self.nonfinite_skipped_steps += 1
+            return loss
+        for group, (params, grads) in zip(self.param_groups, with_grads):
+            if params:
+                self._update_group(group, params, grads)
+        return loss
+
+    def _update_group(self, group, params, grads):
+        raise NotImplementedError
+
+    def _check_checkpoint(self, state_dict):
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"state_dict must be a dict with 'state' and 'param_groups', as "
+                             f"{type(self).__name__}.state_dict() returns")
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        state_dict["nonfinite_skipped_steps"] = self.nonfinite_skipped_steps
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        self._check_checkpoint(state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "nonfinite_skipped_steps"})
+        flat_params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            state = self.state[flat_params[index]]
+            for key, value in saved.items():
+                if torch.is_tensor(value) and state[key].dtype != value.dtype:
+                    state[key] = value.detach().to(device=state[key].device, copy=True)
+        self.nonfinite_skipped_steps = int(state_dict.get("nonfinite_skipped_steps", 0))

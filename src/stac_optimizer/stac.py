@@ -3,7 +3,7 @@
 import torch
 from torch.optim.adamw import adamw as adamw_functional
 
-from stac_optimizer._finite import all_finite
+from stac_optimizer._finite import SkipNonfiniteOptimizer
 from stac_optimizer.partition import partition_trainable_layers
 
 # Seed 000's argument names and the current names they stand for.
@@ -88,7 +88,7 @@ def _check_range(name, value, low, high=None, low_open=False, high_open=True):
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
-class STAC(torch.optim.Optimizer):
+class STAC(SkipNonfiniteOptimizer):
     r"""SignSGD Trunk, AdamW Cap.
 
     The model's trainable layers, in registration order, are split in two (see
@@ -181,8 +181,6 @@ class STAC(torch.optim.Optimizer):
         if sign_lr is None:
             sign_lr = SIGN_LR_SCALE * lr if hybrid else lr
         self.sign_state_dtype = sign_state_dtype
-        self.error_if_nonfinite = bool(error_if_nonfinite)
-        self.nonfinite_skipped_steps = 0
 
         groups = []
         if self.partition.sign_layers:
@@ -203,7 +201,7 @@ class STAC(torch.optim.Optimizer):
                 "layer_names": list(self.partition.adamw_layer_names),
                 "param_names": list(self.partition.adamw_parameter_names),
             })
-        super().__init__(groups, {})
+        super().__init__(groups, {}, error_if_nonfinite)
         self._groups_built = True
 
     def add_param_group(self, param_group):
@@ -213,35 +211,8 @@ class STAC(torch.optim.Optimizer):
                 "supported. Build a new STAC from the model instead.")
         super().add_param_group(param_group)
 
-    def _grads_of(self, group):
-        params, grads = [], []
-        for param, name in zip(group["params"], group["param_names"]):
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise RuntimeError(f"STAC does not support sparse gradients (parameter {name!r})")
-            params.append(param)
-            grads.append(param.grad)
-        return params, grads
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One STAC step. Returns the closure's loss, if a closure is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        with_grads = [self._grads_of(group) for group in self.param_groups]
-        if not all_finite([g for _, grads in with_grads for g in grads]):
-            if self.error_if_nonfinite:
-                raise RuntimeError("STAC: a gradient holds NaN or Inf; parameters and state were left unchanged "
-                                   "(error_if_nonfinite=True)")
-            self.nonfinite_skipped_steps += 1
-            return loss
-        for group, (params, grads) in zip(self.param_groups, with_grads):
-            if params:
-                (self._sign_step if group["role"] == "sign" else self._adamw_step)(group, params, grads)
-        return loss
+    def _update_group(self, group, params, grads):
+        (self._sign_step if group["role"] == "sign" else self._adamw_step)(group, params, grads)
 
     def _sign_step(self, group, params, grads):
         momentum_buffers = []
@@ -281,34 +252,9 @@ class STAC(torch.optim.Optimizer):
 
     # Checkpoints -------------------------------------------------------------------------------
 
-    def state_dict(self):
-        state_dict = super().state_dict()
-        state_dict["nonfinite_skipped_steps"] = self.nonfinite_skipped_steps
-        return state_dict
-
-    def load_state_dict(self, state_dict):
-        """Load a checkpoint of this model's STAC, after checking it fits.
-
-        The saved roles, layer names, parameter names and state-tensor shapes
-        must match this optimizer; otherwise a ValueError names the difference
-        and nothing is changed. State dtypes are kept as saved (torch would cast
-        a bf16 ``momentum_buffer`` to the parameter's dtype).
-        """
-        self._check_checkpoint(state_dict)
-        saved_state = state_dict["state"]
-        skipped = state_dict.get("nonfinite_skipped_steps", 0)
-        super().load_state_dict({key: value for key, value in state_dict.items() if key != "nonfinite_skipped_steps"})
-        flat_params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in saved_state.items():
-            param = flat_params[index]
-            for key, value in saved.items():
-                if torch.is_tensor(value) and self.state[param][key].dtype != value.dtype:
-                    self.state[param][key] = value.detach().to(device=self.state[param][key].device, copy=True)
-        self.nonfinite_skipped_steps = int(skipped)
-
     def _check_checkpoint(self, state_dict):
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as STAC.state_dict() returns")
+        """Refuse a checkpoint of another model: roles, layer and parameter names, state shapes must match."""
+        super()._check_checkpoint(state_dict)
         saved_groups = state_dict["param_groups"]
         if [g.get("role") for g in saved_groups] != [g["role"] for g in self.param_groups]:
             raise ValueError(f"checkpoint roles {[g.get('role') for g in saved_groups]} do not match this "
