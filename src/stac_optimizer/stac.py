@@ -3,7 +3,7 @@
 import torch
 from torch.optim.adamw import adamw as adamw_functional
 
-from stac_optimizer._finite import SkipNonfiniteOptimizer
+from stac_optimizer._torch_common import SkipNonfiniteOptimizer, check_range
 from stac_optimizer.partition import partition_trainable_layers
 
 # Seed 000's argument names and the current names they stand for.
@@ -76,16 +76,6 @@ def _resolve_dtype(sign_state_dtype):
     if not isinstance(sign_state_dtype, torch.dtype) or not sign_state_dtype.is_floating_point:
         raise ValueError(f"sign_state_dtype must be a floating torch dtype or its name, got {sign_state_dtype!r}")
     return sign_state_dtype
-
-
-def _check_range(name, value, low, high=None, low_open=False, high_open=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high or value != value:
-        interval = ("(" if low_open else "[") + f"{low}, " + (f"{high}" + (")" if high_open else "]") if high is not None else "inf)")
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
 class STAC(SkipNonfiniteOptimizer):
@@ -161,18 +151,18 @@ class STAC(SkipNonfiniteOptimizer):
         if sign_momentum is None:
             sign_momentum = 0.9
 
-        _check_range("lr", lr, 0.0)
-        _check_range("sign_momentum", sign_momentum, 0.0, 1.0)
-        _check_range("eps", eps, 0.0)
-        _check_range("weight_decay", weight_decay, 0.0)
+        check_range("lr", lr, 0.0)
+        check_range("sign_momentum", sign_momentum, 0.0, 1.0)
+        check_range("eps", eps, 0.0)
+        check_range("weight_decay", weight_decay, 0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for index, beta in enumerate(betas):
-            _check_range(f"betas[{index}]", beta, 0.0, 1.0)
+            check_range(f"betas[{index}]", beta, 0.0, 1.0)
         for name, value in (("sign_lr", sign_lr), ("adamw_lr", adamw_lr), ("sign_weight_decay", sign_weight_decay),
                             ("adamw_weight_decay", adamw_weight_decay)):
             if value is not None:
-                _check_range(name, value, 0.0)
+                check_range(name, value, 0.0)
         sign_state_dtype = _resolve_dtype(sign_state_dtype)
 
         self.partition = partition_trainable_layers(

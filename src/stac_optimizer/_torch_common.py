@@ -1,6 +1,17 @@
-"""The library's non-finite policy for PyTorch, shared by STAC and STAM/STAMLite."""
+"""What the library's PyTorch optimizers (STAC, STAM, STAMLite) share: range checks and the non-finite policy."""
 
 import torch
+
+
+def check_range(name, value, low, high=None, low_open=False, high_open=True):
+    """ValueError naming ``name`` unless ``value`` is a number in the interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or value != value:
+        interval = ("(" if low_open else "[") + f"{low}, " + (f"{high}" + (")" if high_open else "]") if high is not None else "inf)")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
 def all_finite(tensors):
