@@ -1,0 +1,116 @@
+"""STAM for PyTorch: AdamW with a variance-adaptive beta1 (seed 002), the same numbers as the JAX STAM."""
+
+import torch
+
+from stac_optimizer._torch_common import SkipNonfiniteOptimizer, check_range
+
+# sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard); as in the JAX STAM.
+VARIANCE_CAP = 10.0
+
+
+def stam_update(params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s, beta1_products, steps, *, lr,
+                b1_base, b2, weight_decay, adapt_strength, tau_decay, eps):
+    r"""STAM's update, in place, one tensor at a time (seed 002, "Core Update Rules").
+
+    Per tensor, at step t, with gradient g::
+
+        r      = g - mu_{t-1}
+        var_t  = b2 var_{t-1} + (1 - b2) mean(r^2)          capped at 10 tau_t^2
+        tau_t  = tau_decay tau_{t-1} + (1 - tau_decay) mean(|r|)
+        z      = var_t / (tau_t^2 + eps)
+        beta1  = clip(b1_base (1 - adapt_strength z / (1 + z)), b1_base (1 - adapt_strength), b1_base)
+        mu_t   = beta1 mu_{t-1} + (1 - beta1) g;     nu_t = b2 nu_{t-1} + (1 - b2) g^2
+        p     <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(nu_t / (1 - b2^t)) + eps)
+
+    Non-finite var_t or tau_t: beta1 = b1_base and both keep their old values.
+    The tensor statistics stay on the device as 0-d tensors (no host sync).
+    Low-precision parameters are computed in float32 and stored back.
+    """
+    for param, grad, mu, nu, variance, scale, beta1_used, beta1_product, step in zip(
+            params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s, beta1_products, steps):
+        g = grad.to(variance.dtype)
+        step.add_(1)
+        residual = g - mu
+        new_variance = b2 * variance + (1 - b2) * residual.square().mean()
+        new_scale = tau_decay * scale + (1 - tau_decay) * residual.abs_().mean()
+        finite = new_variance.isfinite() & new_scale.isfinite()
+        new_variance = torch.minimum(new_variance, VARIANCE_CAP * new_scale.square())
+        z = new_variance / (new_scale.square() + eps)
+        adapted = (b1_base * (1 - adapt_strength * z / (1 + z))).clamp(b1_base * (1 - adapt_strength), b1_base)
+        beta1 = torch.where(finite, adapted, torch.full_like(adapted, b1_base))
+        variance.copy_(torch.where(finite, new_variance, variance))
+        scale.copy_(torch.where(finite, new_scale, scale))
+        beta1_used.copy_(beta1)
+
+        mu.mul_(beta1).add_(g * (1 - beta1))
+        nu.mul_(b2).addcmul_(g, g, value=1 - b2)
+        beta1_product.mul_(beta1)
+        # p <- p - lr mu / ((1 - prod) (sqrt(nu / bc2) + eps)), with the scalars kept on the device.
+        denom = (nu / (1 - b2 ** step)).sqrt_().add_(eps).mul_((1 - beta1_product) / lr)
+        update = mu / denom
+        if weight_decay != 0.0:
+            param.mul_(1 - lr * weight_decay)
+        param.sub_(update.to(param.dtype))
+
+
+class STAM(SkipNonfiniteOptimizer):
+    r"""STAM: AdamW whose beta1 adapts to each tensor's gradient variance (seed 002).
+
+    High residual variance lowers beta1 (less momentum), low variance keeps it
+    at ``b1_base``; ``adapt_strength=0`` is exactly AdamW. See ``stam_update``
+    for the math. Arguments and defaults are the JAX STAM's, with torch's ``lr``
+    for ``learning_rate``:
+
+    ===============  ==========  ========  =====================================
+    argument         default     range     meaning
+    ===============  ==========  ========  =====================================
+    lr               1e-3        >= 0      step size
+    b1_base          0.9         (0, 1)    base first-moment decay
+    b2               0.999       (0, 1)    second-moment and variance decay
+    weight_decay     0.01        >= 0      decoupled weight decay
+    adapt_strength   0.2         [0, 0.5]  how far beta1 may drop below b1_base
+    tau_decay        0.99        (0, 1)    decay of the running scale tau
+    eps              1e-8        > 0       denominator guard
+    ===============  ==========  ========  =====================================
+
+    State per parameter (JAX name in brackets): ``step`` [count], ``exp_avg``
+    [mu], ``exp_avg_sq`` [nu], ``variance``, ``scale``, ``beta1`` (the beta1
+    used at the last step, for logging), ``beta1_product``. A step with a
+    NaN/Inf gradient changes nothing and is counted in
+    ``nonfinite_skipped_steps`` (``error_if_nonfinite=True`` raises instead).
+
+    Example::
+
+        optimizer = STAM(model.parameters(), lr=1e-3)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    """
+
+    def __init__(self, params, lr=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_strength=0.2,
+                 tau_decay=0.99, eps=1e-8, error_if_nonfinite=False):
+        check_range("lr", lr, 0.0)
+        check_range("b1_base", b1_base, 0.0, 1.0, low_open=True)
+        check_range("b2", b2, 0.0, 1.0, low_open=True)
+        check_range("weight_decay", weight_decay, 0.0)
+        check_range("adapt_strength", adapt_strength, 0.0, 0.5, high_open=False)
+        check_range("tau_decay", tau_decay, 0.0, 1.0, low_open=True)
+        check_range("eps", eps, 0.0, low_open=True)
+        defaults = dict(lr=lr, b1_base=b1_base, b2=b2, weight_decay=weight_decay, adapt_strength=adapt_strength,
+                        tau_decay=tau_decay, eps=eps)
+        super().__init__(params, defaults, error_if_nonfinite)
+
+    def _update_group(self, group, params, grads):
+        for param in params:
+            state = self.state[param]
+            if not state:
+                stat_dtype = torch.promote_types(param.dtype, torch.float32)
+                scalar = lambda value: torch.full((), value, dtype=stat_dtype, device=param.device)  # noqa: E731
+                state.update(step=scalar(0.0), exp_avg=torch.zeros_like(param, dtype=stat_dtype),
+                             exp_avg_sq=torch.zeros_like(param, dtype=stat_dtype), variance=scalar(0.0),
+                             scale=scalar(0.0), beta1=scalar(group["b1_base"]), beta1_product=scalar(1.0))
+        states = [self.state[p] for p in params]
+        stam_update(params, grads, *([s[key] for s in states] for key in (
+            "exp_avg", "exp_avg_sq", "variance", "scale", "beta1", "beta1_product", "step")),
+            lr=group["lr"], b1_base=group["b1_base"], b2=group["b2"], weight_decay=group["weight_decay"],
+            adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"])
