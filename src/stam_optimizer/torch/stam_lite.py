@@ -35,13 +35,14 @@ def stam_lite_update(params, grads, exp_avgs, grad_means, grad_sq_means, beta1s,
         refresh = (step - 1) % beta1_update_interval == 0
         beta1.copy_(torch.where(finite, torch.where(refresh, adapted, beta1), torch.full_like(beta1, b1_base)))
 
-        mu_full = mu.to(g.dtype).mul_(beta1).add_(g * (1 - beta1))
-        mu.copy_(mu_full)
+        mu_full = mu.to(g.dtype).mul_(beta1).add_(g * (1 - beta1))  # in place when mu is already g's dtype
+        if mu_full is not mu:
+            mu.copy_(mu_full)
         beta1_product.mul_(beta1)
         rms = (grad_sq_mean / (1 - moment_decay ** step)).sqrt_().add_(eps)
         if weight_decay != 0.0:
             param.mul_(1 - lr * weight_decay)
-        param.sub_(mu_full.mul_(lr / ((1 - beta1_product) * rms)).to(param.dtype))
+        param.sub_((mu_full * (lr / ((1 - beta1_product) * rms))).to(param.dtype))
 
 
 class STAMLite(SkipNonfiniteOptimizer):
