@@ -1,0 +1,148 @@
+"""One registry of the library's PyTorch optimizers drives the behaviours every one must have."""
+
+import pytest
+import torch
+from torch import nn
+
+from stac_optimizer import STAC
+from stam_optimizer.torch import STAM, STAMLite
+
+# name -> factory(model, **hyperparameters)
+OPTIMIZERS_UNDER_TEST = {
+    "stac": lambda model, **kw: STAC(model, **{"lr": 1e-2, **kw}),
+    "stac_bf16_state": lambda model, **kw: STAC(model, **{"lr": 1e-2, "sign_state_dtype": torch.bfloat16, **kw}),
+    "stam": lambda model, **kw: STAM(model.parameters(), **{"lr": 1e-2, **kw}),
+    "stam_lite": lambda model, **kw: STAMLite(model.parameters(), **{"lr": 1e-2, "beta1_update_interval": 2, **kw}),
+    "stam_lite_bf16_state": lambda model, **kw: STAMLite(
+        model.parameters(), **{"lr": 1e-2, "state_dtype": torch.bfloat16, **kw}),
+}
+NAMES = list(OPTIMIZERS_UNDER_TEST)
+
+
+def model_and_data(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+    inputs = torch.randn(32, 4, dtype=dtype)
+    targets = torch.randn(32, 2, dtype=dtype)
+    return model, inputs, targets
+
+
+def train(model, optimizer, inputs, targets, steps):
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = (model(inputs) - targets).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(model, optimizer):
+    return ([p.detach().clone() for p in model.parameters()],
+            [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for s in optimizer.state.values()])
+
+
+def assert_same(a, b):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    assert len(a[1]) == len(b[1])
+    for sa, sb in zip(a[1], b[1]):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains(name):
+    model, inputs, targets = model_and_data()
+    losses = train(model, OPTIMIZERS_UNDER_TEST[name](model), inputs, targets, 40)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nonfinite_step_changes_nothing_and_is_counted_or_raises(name):
+    model, inputs, targets = model_and_data()
+    optimizer = OPTIMIZERS_UNDER_TEST[name](model)
+    train(model, optimizer, inputs, targets, 2)
+    (model(inputs) - targets).pow(2).mean().backward()
+    next(model.parameters()).grad.view(-1)[0] = float("nan")
+    before = snapshot(model, optimizer)
+    optimizer.step()
+    assert optimizer.nonfinite_skipped_steps == 1
+    assert_same(before, snapshot(model, optimizer))
+    optimizer.error_if_nonfinite = True
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        optimizer.step()
+    assert_same(before, snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_round_trip_keeps_dtypes_and_resumes_exactly(name, tmp_path):
+    model, inputs, targets = model_and_data()
+    twin, _, _ = model_and_data(seed=1)
+    optimizer = OPTIMIZERS_UNDER_TEST[name](model)
+    train(model, optimizer, inputs, targets, 3)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    twin.load_state_dict(checkpoint["model"])
+    resumed = OPTIMIZERS_UNDER_TEST[name](twin)
+    resumed.load_state_dict(checkpoint["optimizer"])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key, value in optimizer.state[p].items():
+            if torch.is_tensor(value):
+                assert resumed.state[q][key].dtype == value.dtype, key
+    train(model, optimizer, inputs, targets, 3)
+    train(twin, resumed, inputs, targets, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_scheduler_closure_and_missing_grads(name):
+    model, inputs, targets = model_and_data()
+    optimizer = OPTIMIZERS_UNDER_TEST[name](model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5 ** epoch)
+    initial = [g["lr"] for g in optimizer.param_groups]
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = (model(inputs) - targets).pow(2).mean()
+        loss.backward()
+        model[4].bias.grad = None  # a parameter without a gradient this step
+        return loss
+
+    bias = model[4].bias.detach().clone()
+    assert torch.is_tensor(optimizer.step(closure))
+    scheduler.step()
+    assert torch.equal(model[4].bias, bias)
+    assert [g["lr"] for g in optimizer.param_groups] == [lr * 0.5 for lr in initial]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_parameters_keep_their_dtype_and_train(name):
+    model, inputs, targets = model_and_data(torch.bfloat16)
+    losses = train(model, OPTIMIZERS_UNDER_TEST[name](model), inputs, targets, 30)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["stam", "stam_lite"])
+def test_compiled_training_step_matches_eager_while_the_lr_changes(name):
+    model, inputs, targets = model_and_data()
+    twin, _, _ = model_and_data()
+    optimizer, eager = OPTIMIZERS_UNDER_TEST[name](model), OPTIMIZERS_UNDER_TEST[name](twin)
+
+    def train_step(net, opt):
+        opt.zero_grad(set_to_none=True)
+        loss = (net(inputs) - targets).pow(2).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    compiled = torch.compile(train_step, backend="eager")
+    for step in range(3):
+        for opt in (optimizer, eager):
+            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
+        compiled(model, optimizer)
+        train_step(twin, eager)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
