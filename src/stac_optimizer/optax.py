@@ -1,0 +1,189 @@
+"""STAC for JAX/optax: the same trunk/cap split and the same numbers as the PyTorch STAC.
+
+``from stac_optimizer.optax import stac, stac_partition``.
+"""
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax
+import optax
+
+from stam_optimizer.jax._common import check_range, skip_nonfinite
+
+ROOT_LAYER_NAME = "<root>"
+SIGN_LR_SCALE = 0.75  # the trunk's share of the learning rate when there is a cap, as in PyTorch
+# A layer whose own name matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f, norm1).
+NORM_LAYER_NAME = re.compile(r"(norm|^ln(_|\d|$))", re.IGNORECASE)
+
+
+def _is_array(leaf):
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def _walk(node, path, layers):
+    """Collect (path, own leaf keys) per layer in the tree's insertion order, depth first."""
+    if isinstance(node, Mapping):
+        items = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = list(enumerate(node))
+    else:
+        raise TypeError(f"stac_partition walks dicts, lists and tuples of arrays; got {type(node).__name__} at "
+                        f"{'/'.join(map(str, path)) or ROOT_LAYER_NAME}: pass flax/equinox state as a pure dict "
+                        "(e.g. nnx.State.to_pure_dict()) or give partition= explicitly")
+    own = [key for key, child in items if _is_array(child)]
+    if own:
+        layers.append((path, own))
+    for key, child in items:
+        if not _is_array(child) and child is not None:
+            _walk(child, path + (key,), layers)
+
+
+def _path_key(jax_path):
+    return tuple(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))) for entry in jax_path)
+
+
+@dataclass(frozen=True)
+class PytreePartition:
+    """Which layers of a pytree are the sign trunk and which the AdamW cap.
+
+    A layer is a mapping (or list) that directly holds array leaves, named by
+    its path joined with ``/`` (``"<root>"`` for the top level). Labels are kept
+    per leaf path, so they apply to the same tree whatever order its keys come in.
+    """
+
+    sign_layer_names: tuple
+    adamw_layer_names: tuple
+    label_by_path: Mapping  # leaf path (tuple of keys) -> "sign" or "adamw"
+
+    # Seed 000's names.
+    trunk_layer_names = property(lambda self: self.sign_layer_names)
+    cap_layer_names = property(lambda self: self.adamw_layer_names)
+
+    def labels(self, params):
+        """A tree like ``params`` with ``"sign"`` or ``"adamw"`` at every leaf."""
+        def label(path, _):
+            key = _path_key(path)
+            if key not in self.label_by_path:
+                raise ValueError(f"parameter {'/'.join(map(str, key))} is not in the STAC partition; the partition "
+                                 "was resolved from a different tree")
+            return self.label_by_path[key]
+        return jax.tree_util.tree_map_with_path(label, params)
+
+
+def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_params=None):
+    """Split a parameter pytree into a sign trunk and an AdamW cap, in the tree's insertion order.
+
+    The order is the one the mappings were built in (definition order in
+    flax.linen and flax.nnx pure dicts), NOT the sorted-key order of
+    ``jax.tree_util`` flattening; call this on the tree as your model created
+    it, before it has passed through ``jax.jit`` (which returns dicts with
+    sorted keys). ``last_n_layers`` as in PyTorch: 0 keeps everything in the
+    trunk, an oversized value moves everything to the cap.
+    ``adamw_norm_layers=True`` also sends every layer whose name matches
+    ``norm`` or ``ln`` to the cap; ``adamw_params`` is a predicate over leaf
+    paths (``"params/Dense_0/bias"``) that sends matching leaves to the cap.
+    """
+    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
+        raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r}")
+    layers = []
+    _walk(params, (), layers)
+    if not layers:
+        raise ValueError("params has no array leaves: STAC needs at least one parameter")
+    first_cap = max(len(layers) - last_n_layers, 0)
+    sign_names, adamw_names, label_by_path = [], [], {}
+    for index, (path, keys) in enumerate(layers):
+        name = "/".join(map(str, path)) or ROOT_LAYER_NAME
+        whole_layer_to_cap = index >= first_cap or (
+            adamw_norm_layers and bool(path) and NORM_LAYER_NAME.search(str(path[-1])))
+        roles = set()
+        for key in keys:
+            leaf_path = path + (key,)
+            to_cap = whole_layer_to_cap or (adamw_params is not None and adamw_params("/".join(map(str, leaf_path))))
+            label_by_path[leaf_path] = "adamw" if to_cap else "sign"
+            roles.add(label_by_path[leaf_path])
+        if "sign" in roles:
+            sign_names.append(name)
+        if "adamw" in roles:
+            adamw_names.append(name)
+    return PytreePartition(tuple(sign_names), tuple(adamw_names), label_by_path)
+
+
+def sign_momentum_trunk(learning_rate, sign_momentum, weight_decay, sign_state_dtype):
+    """``p <- p (1 - lr wd) - lr sign(m)``, ``m = beta m + (1 - beta) g`` (no ``m`` when beta = 0)."""
+    momentum = [] if sign_momentum == 0 else [
+        optax.ema(sign_momentum, debias=False, accumulator_dtype=sign_state_dtype)]
+    return optax.chain(*momentum, optax.scale_by_sign(), optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_dtype=None, b1=0.9, b2=0.999,
+         betas=None, eps=1e-8, weight_decay=1e-2, sign_weight_decay=None, adamw_weight_decay=None,
+         adamw_norm_layers=False, adamw_params=None, partition=None):
+    r"""STAC as an ``optax.GradientTransformation``: a sign-momentum trunk and an ``optax.adamw`` cap.
+
+    The same algorithm, defaults and learning-rate split as ``stac_optimizer.STAC``
+    (PyTorch), in optax spelling (``learning_rate``, ``b1``/``b2`` or ``betas``)::
+
+        trunk:  p <- p (1 - lr_s wd_s);  m <- beta m + (1 - beta) g;  p <- p - lr_s sign(m)
+        cap:    optax.adamw(lr, b1, b2, eps, wd_a)     (equal to torch.optim.AdamW)
+
+    with ``lr_s = 0.75 * learning_rate`` when there is a cap and
+    ``learning_rate`` when every layer is in the trunk (``learning_rate`` may
+    be a schedule). The partition comes from ``stac_partition`` on the params
+    given to ``init`` (call ``init`` eagerly on your model's own tree), or from
+    ``partition=stac_partition(params, ...)`` given explicitly — print
+    ``partition.sign_layer_names`` / ``adamw_layer_names`` to check it before the
+    first step. A step whose gradients hold NaN/Inf changes nothing and is
+    counted in ``state.nonfinite_skipped_steps``.
+
+    Example::
+
+        partition = stac_partition(params, last_n_layers=1)
+        optimizer = stac(learning_rate=1e-3, partition=partition)
+        state = optimizer.init(params)
+        updates, state = jax.jit(optimizer.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    """
+    if betas is not None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
+        if (b1, b2) != (0.9, 0.999) and tuple(betas) != (b1, b2):
+            raise ValueError(f"give betas or b1/b2, not both: got betas={betas!r}, b1={b1!r}, b2={b2!r}")
+        b1, b2 = betas
+    if not callable(learning_rate):
+        check_range("learning_rate", learning_rate, 0.0)
+    check_range("sign_momentum", sign_momentum, 0.0, 1.0, high_open=True)
+    check_range("b1", b1, 0.0, 1.0, high_open=True)
+    check_range("b2", b2, 0.0, 1.0, high_open=True)
+    check_range("eps", eps, 0.0)
+    for name, value in (("weight_decay", weight_decay), ("sign_weight_decay", sign_weight_decay),
+                        ("adamw_weight_decay", adamw_weight_decay)):
+        if value is not None:
+            check_range(name, value, 0.0)
+    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
+        raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r}")
+
+    resolved = {"partition": partition}
+
+    def resolve(params):
+        if resolved["partition"] is None:
+            resolved["partition"] = stac_partition(params, last_n_layers, adamw_norm_layers=adamw_norm_layers,
+                                                   adamw_params=adamw_params)
+        return resolved["partition"]
+
+    def sign_learning_rate(count):
+        # Read when the update is traced, after init resolved the partition.
+        part = resolved["partition"]
+        scale = SIGN_LR_SCALE if part.sign_layer_names and part.adamw_layer_names else 1.0
+        return scale * (learning_rate(count) if callable(learning_rate) else learning_rate)
+
+    trunk = sign_momentum_trunk(sign_learning_rate, sign_momentum,
+                                weight_decay if sign_weight_decay is None else sign_weight_decay, sign_state_dtype)
+    cap = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                      weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay)
+    return skip_nonfinite(optax.partition({"sign": trunk, "adamw": cap}, lambda tree: resolve(tree).labels(tree)))
+
+
+__all__ = ["stac", "stac_partition", "PytreePartition", "sign_momentum_trunk"]
