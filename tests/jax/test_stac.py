@@ -1,0 +1,171 @@
+"""STAC for optax: the PyTorch STAC's partition and numbers, in a pytree."""
+
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import reference
+from stac_optimizer.optax import stac, stac_partition
+
+GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stac.json").read_text())
+
+
+def golden_tree(case, values, dtype):
+    tree = {}
+    for entry, value in zip(case["params"], values):
+        layer, kind = entry["name"].split(".")
+        tree.setdefault(layer, {})[kind] = jnp.asarray(value, dtype).reshape(entry["shape"])
+    return tree
+
+
+def make_stac(case):
+    hyper = case["hyperparams"]
+    return stac(hyper["lr"], case["last_n_layers"], sign_momentum=hyper.get("sign_momentum", 0.9),
+                weight_decay=hyper["weight_decay"], betas=hyper.get("betas"), eps=hyper.get("eps", 1e-8))
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=[c["name"] for c in GOLDEN["cases"]])
+def test_golden_vectors_float32(case):
+    optimizer = make_stac(case)
+    params = golden_tree(case, [e["value"] for e in case["params"]], jnp.float32)
+    state = optimizer.init(params)
+    update = jax.jit(optimizer.update)
+    for grads, expected in zip(case["grads"], case["expected"]):
+        updates, state = update(golden_tree(case, grads, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6), params,
+                     golden_tree(case, expected, jnp.float32))
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=[c["name"] for c in GOLDEN["cases"]])
+def test_every_step_matches_the_float64_reference(case):
+    hyper = case["hyperparams"]
+    with jax.enable_x64(True):
+        optimizer = make_stac(case)
+        params = golden_tree(case, [e["value"] for e in case["params"]], jnp.float64)
+        partition = stac_partition(params, case["last_n_layers"])
+        sign_lr, adamw_lr = reference.stac_learning_rates(hyper["lr"], bool(partition.sign_layer_names),
+                                                          bool(partition.adamw_layer_names))
+        ref = {f"{layer}.{kind}": np.asarray(value) for layer, kinds in params.items() for kind, value in kinds.items()}
+        ref_states = {name: {} for name in ref}
+        state = optimizer.init(params)
+        for grads in case["grads"]:
+            grad_tree = golden_tree(case, grads, jnp.float64)
+            updates, state = optimizer.update(grad_tree, state, params)
+            params = optax.apply_updates(params, updates)
+            for name in ref:
+                layer, kind = name.split(".")
+                g = np.asarray(grad_tree[layer][kind])
+                if layer in partition.adamw_layer_names:
+                    ref[name] = reference.adamw_step(ref[name], g, ref_states[name], lr=adamw_lr,
+                                                     betas=tuple(hyper.get("betas", (0.9, 0.999))),
+                                                     eps=hyper.get("eps", 1e-8), weight_decay=hyper["weight_decay"])
+                else:
+                    ref[name] = reference.sign_step(ref[name], g, ref_states[name], lr=sign_lr,
+                                                    sign_momentum=hyper.get("sign_momentum", 0.9),
+                                                    weight_decay=hyper["weight_decay"])
+                np.testing.assert_allclose(params[layer][kind], ref[name], rtol=1e-12, atol=1e-12)
+
+
+def test_cap_only_is_optax_adamw():
+    params = {"a": {"w": jnp.linspace(-1, 1, 6).reshape(2, 3)}, "b": {"w": jnp.ones(3)}}
+    ours, theirs = stac(1e-2, last_n_layers=5), optax.adamw(1e-2, weight_decay=1e-2)
+    sa, sb = ours.init(params), theirs.init(params)
+    a = b = params
+    for step in range(4):
+        grads = jax.tree.map(lambda p: jnp.cos(p + step), params)
+        ua, sa = ours.update(grads, sa, a)
+        ub, sb = theirs.update(grads, sb, b)
+        a, b = optax.apply_updates(a, ua), optax.apply_updates(b, ub)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+
+
+class OutOfOrder(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(8, name="zeta")(x))
+        x = nn.LayerNorm(name="norm")(x)
+        x = nn.tanh(nn.Dense(8, name="alpha")(x))
+        return nn.Dense(2, name="mid")(x)
+
+
+def test_flax_model_partitions_in_definition_order_and_trains():
+    model = OutOfOrder()
+    inputs = jax.random.normal(jax.random.PRNGKey(0), (64, 4))
+    targets = jnp.sin(inputs[:, :2])
+    params = model.init(jax.random.PRNGKey(1), inputs)
+    partition = stac_partition(params, last_n_layers=1)
+    assert partition.sign_layer_names == ("params/zeta", "params/norm", "params/alpha")
+    assert partition.adamw_layer_names == ("params/mid",)
+    assert stac_partition(params, 1, adamw_norm_layers=True).adamw_layer_names == ("params/norm", "params/mid")
+    by_path = stac_partition(params, 1, adamw_params=lambda path: path.endswith("bias"))
+    assert "params/zeta" in by_path.sign_layer_names and "params/zeta" in by_path.adamw_layer_names
+    # jax.jit returns dicts with sorted keys; the partition found in the model's own tree still holds.
+    sorted_params = jax.jit(lambda p: p)(params)
+    assert list(sorted_params["params"]) == ["alpha", "mid", "norm", "zeta"]
+    labels = partition.labels(sorted_params)
+    assert labels["params"]["mid"]["kernel"] == "adamw" and labels["params"]["alpha"]["kernel"] == "sign"
+
+    optimizer = stac(1e-2, partition=partition)
+    state = optimizer.init(params)
+    loss_fn = lambda p: jnp.mean((model.apply(p, inputs) - targets) ** 2)  # noqa: E731
+    traces = []
+
+    @jax.jit
+    def train_step(params, state):
+        traces.append(1)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for _ in range(60):
+        params, state, loss = train_step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    assert len(traces) == 1
+
+
+def test_plain_sign_trunk_keeps_no_momentum_and_sign_state_dtype_is_kept():
+    params = {"a": {"w": jnp.ones((4, 4))}, "b": {"w": jnp.ones(4)}}
+    plain = stac(1e-2, sign_momentum=0.0).init(params)
+    bf16 = stac(1e-2, sign_state_dtype=jnp.bfloat16).init(params)
+    nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))  # noqa: E731
+    assert nbytes(plain) < nbytes(bf16) < nbytes(stac(1e-2).init(params))
+    assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(bf16))
+
+
+def test_nonfinite_step_changes_nothing_and_is_counted():
+    params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
+    optimizer = stac(1e-2)
+    state = optimizer.init(params)
+    updates, new_state = jax.jit(optimizer.update)({"a": {"w": jnp.array([1.0, jnp.nan, 0.0])},
+                                                    "b": {"w": jnp.ones(3)}}, state, params)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    assert int(new_state.nonfinite_skipped_steps) == 1
+
+
+def test_schedule_drives_both_roles():
+    params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
+    optimizer = stac(optax.constant_schedule(0.0))
+    updates, _ = optimizer.update(jax.tree.map(jnp.ones_like, params), optimizer.init(params), params)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(learning_rate=-1.0), r"learning_rate must be in \[0.0, inf\)"),
+    (dict(last_n_layers=-1), r"last_n_layers must be an integer >= 0, got -1"),
+    (dict(sign_momentum=1.0), r"sign_momentum must be in \[0.0, 1.0\), got 1.0"),
+    (dict(betas=(0.9,)), r"betas must be a pair"),
+    (dict(betas=(0.9, 0.99), b1=0.8), r"give betas or b1/b2, not both"),
+    (dict(adamw_weight_decay=-1.0), r"adamw_weight_decay must be in \[0.0, inf\)"),
+])
+def test_bad_input_names_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        stac(**kwargs)
