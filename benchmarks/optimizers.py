@@ -1,0 +1,52 @@
+"""One registry table of every optimizer the benchmark runs: factory and learning-rate sweep grid.
+
+Every factory takes the learning rate; PyTorch factories also take the model.
+Weight decay is each optimizer's usual default (0.01 where decoupled, 0 for SGD).
+"""
+
+import torch
+
+GRID_ADAM_LIKE = (3e-4, 1e-3, 3e-3)
+
+
+def _torch_registry():
+    from lion_pytorch import Lion
+
+    from stac_optimizer import STAC
+    from stam_optimizer.torch import STAM, STAMLite
+
+    return {
+        "STAC": (lambda m, lr: STAC(m, lr=lr), GRID_ADAM_LIKE),
+        "STAC plain sign": (lambda m, lr: STAC(m, lr=lr, sign_momentum=0.0), GRID_ADAM_LIKE),
+        "STAC bf16 state": (lambda m, lr: STAC(m, lr=lr, sign_state_dtype=torch.bfloat16), GRID_ADAM_LIKE),
+        "STAC last 2": (lambda m, lr: STAC(m, lr=lr, last_n_layers=2), GRID_ADAM_LIKE),
+        "STAM": (lambda m, lr: STAM(m.parameters(), lr=lr), GRID_ADAM_LIKE),
+        "STAMLite": (lambda m, lr: STAMLite(m.parameters(), lr=lr), GRID_ADAM_LIKE),
+        "AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), GRID_ADAM_LIKE),
+        "Lion": (lambda m, lr: Lion(m.parameters(), lr=lr, weight_decay=0.01), (3e-5, 1e-4, 3e-4)),
+        "SGD momentum": (lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), (1e-2, 3e-2, 1e-1)),
+    }
+
+
+def _jax_registry():
+    import optax
+
+    from stac_optimizer.optax import stac
+    from stam_optimizer import stam, stam_lite
+
+    return {
+        "STAM": (lambda lr: stam(lr), GRID_ADAM_LIKE),
+        "STAMLite": (lambda lr: stam_lite(lr), GRID_ADAM_LIKE),
+        "STAC": (lambda lr: stac(lr), GRID_ADAM_LIKE),
+        "adamw": (lambda lr: optax.adamw(lr, weight_decay=0.01), GRID_ADAM_LIKE),
+        "lion": (lambda lr: optax.lion(lr, weight_decay=0.01), (3e-5, 1e-4, 3e-4)),
+        "sgd momentum": (lambda lr: optax.sgd(lr, momentum=0.9), (1e-2, 3e-2, 1e-1)),
+        "rmsprop": (lambda lr: optax.rmsprop(lr), GRID_ADAM_LIKE),
+        "adagrad": (lambda lr: optax.adagrad(lr), (3e-3, 1e-2, 3e-2)),
+        "nadam": (lambda lr: optax.nadam(lr), GRID_ADAM_LIKE),
+        "lamb": (lambda lr: optax.lamb(lr), (1e-3, 3e-3, 1e-2)),
+    }
+
+
+def registry(framework):
+    return _torch_registry() if framework == "torch" else _jax_registry()

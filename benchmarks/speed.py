@@ -1,0 +1,244 @@
+"""Per-step time and optimizer-state bytes at two shapes, as ratios to a yardstick measured in the same run.
+
+Shapes: ``large`` = 4 x Linear(4096, 4096) (67M parameters), ``stack`` = a
+transformer-like stack of ~200 tensors (~10M parameters). PyTorch is compared
+with ``torch.optim.AdamW(fused=True)`` (foreach shown too), JAX with jitted
+``optax.adamw`` (buffers donated on both sides, compile time reported apart,
+warm-up excluded, ``block_until_ready`` after each step). Optimizers are timed
+round-robin over several rounds and the median is kept, so drift of the
+machine hits all of them alike. The machine's memory-bandwidth floor is the
+time of an in-place ``mul_`` over a buffer of the same bytes (read + write).
+
+Bytes each update must move, per parameter (fp32): AdamW 28 (read p, g, m, v;
+write p, m, v); STAC trunk 20 (16 with bf16 momentum, 12 plain sign), its cap 28;
+STAM 36 (AdamW's 28 plus the statistics pass reading g and m); STAMLite 24;
+Lion and SGD with momentum 20.
+"""
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+SHAPES = {"large": dict(layers=4, width=4096), "stack": dict(blocks=24, width=256)}
+QUICK_SHAPES = {"large": dict(layers=2, width=512), "stack": dict(blocks=2, width=64)}
+BYTES_PER_PARAM = {"AdamW fused": 28, "AdamW foreach": 28, "STAM": 36, "STAMLite": 24, "Lion": 20,
+                   "SGD momentum": 20}
+
+
+def torch_model(shape):
+    import torch
+    from torch import nn
+
+    if "layers" in shape:
+        return nn.Sequential(*[nn.Linear(shape["width"], shape["width"], bias=False) for _ in range(shape["layers"])])
+    width = shape["width"]
+    blocks = []
+    for _ in range(shape["blocks"]):
+        # 8 tensors per block, like a transformer block: 2 norms, attention in/out, MLP in/out.
+        blocks += [nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width), nn.LayerNorm(width),
+                   nn.Linear(width, 2 * width), nn.Linear(2 * width, width)]
+    return nn.Sequential(nn.Embedding(1000, width), *blocks, nn.Linear(width, 1000)).to(torch.float32)
+
+
+def _torch_optimizers():
+    import torch
+    from lion_pytorch import Lion
+
+    from stac_optimizer import STAC
+    from stam_optimizer.torch import STAM, STAMLite
+
+    return {
+        "AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True),
+        "AdamW foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
+        "STAC": lambda m: STAC(m, lr=1e-3),
+        "STAC bf16 state": lambda m: STAC(m, lr=1e-3, sign_state_dtype=torch.bfloat16),
+        "STAC plain sign": lambda m: STAC(m, lr=1e-3, sign_momentum=0.0),
+        "STAM": lambda m: STAM(m.parameters(), lr=1e-3),
+        "STAMLite": lambda m: STAMLite(m.parameters(), lr=1e-3),
+        "Lion": lambda m: Lion(m.parameters(), lr=1e-4),
+        "SGD momentum": lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9),
+    }
+
+
+def _stac_bytes(optimizer):
+    total = 0
+    for group in optimizer.param_groups:
+        n = sum(p.numel() for p in group["params"])
+        if group["role"] == "adamw":
+            total += 28 * n
+        elif group["sign_momentum"] == 0.0:
+            total += 12 * n
+        else:
+            total += (16 if optimizer.sign_state_dtype is not None else 20) * n
+    return total
+
+
+def bandwidth_floor(n_bytes, repeats):
+    """Seconds to read and write ``n_bytes`` in place once (the best of ``repeats``)."""
+    import torch
+
+    buffer = torch.ones(max(n_bytes // 8, 1))  # read + write of n/2 bytes each = n bytes moved
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.mul_(1.0000001)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_torch(shapes, rounds, progress):
+    import torch
+
+    from benchmarks.torch_tasks import state_bytes
+
+    torch.set_num_threads(2)
+    results = {}
+    for shape_name, shape in shapes.items():
+        entries = {}
+        for name, make in _torch_optimizers().items():
+            torch.manual_seed(0)
+            model = torch_model(shape)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 1e-3
+            optimizer = make(model)
+            optimizer.step()  # warm-up, allocates state
+            entries[name] = (model, optimizer, [])
+        n_params = sum(p.numel() for p in next(iter(entries.values()))[0].parameters())
+        for _ in range(rounds):
+            for name, (model, optimizer, times) in entries.items():
+                start = time.perf_counter()
+                optimizer.step()
+                times.append(time.perf_counter() - start)
+        floor_seconds_per_byte = bandwidth_floor(28 * n_params, rounds) / (28 * n_params)
+        yardstick = statistics.median(entries["AdamW fused"][2])
+        shape_results = {}
+        for name, (model, optimizer, times) in entries.items():
+            seconds = statistics.median(times)
+            moved = _stac_bytes(optimizer) if name.startswith("STAC") else BYTES_PER_PARAM[name] * n_params
+            shape_results[name] = {
+                "framework": "torch", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
+                "state_bytes": state_bytes(optimizer), "bytes_moved_per_step": moved,
+                "floor_fraction": moved * floor_seconds_per_byte / seconds, "compile_s": None,
+                "transient_bytes": None,
+            }
+            if progress:
+                print(f"  torch {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  x{seconds / yardstick:.2f}")
+        results[shape_name] = {"n_params": n_params, "n_tensors": len(list(model.parameters())),
+                               "floor_gb_per_s": 1e-9 / floor_seconds_per_byte, "yardstick": "AdamW fused",
+                               "optimizers": shape_results}
+        del entries
+    return results
+
+
+def _jax_optimizers():
+    import optax
+
+    from stac_optimizer.optax import stac
+    from stam_optimizer import stam, stam_lite
+
+    return {
+        "optax.adamw": lambda: optax.adamw(1e-3, weight_decay=0.01),
+        "STAM": lambda: stam(1e-3), "STAMLite": lambda: stam_lite(1e-3), "STAC": lambda: stac(1e-3),
+        "optax.lion": lambda: optax.lion(1e-4), "sgd momentum": lambda: optax.sgd(1e-2, momentum=0.9),
+        "rmsprop": lambda: optax.rmsprop(1e-3), "adagrad": lambda: optax.adagrad(1e-2),
+        "nadam": lambda: optax.nadam(1e-3), "lamb": lambda: optax.lamb(1e-3),
+    }
+
+
+def jax_params(shape):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    make = lambda *s: jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.02)  # noqa: E731
+    if "layers" in shape:
+        return {f"linear_{i}": {"kernel": make(shape["width"], shape["width"])} for i in range(shape["layers"])}
+    width = shape["width"]
+    params = {"embed": {"embedding": make(1000, width)}}
+    for i in range(shape["blocks"]):
+        params[f"block_{i}"] = {
+            "norm_1": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
+            "qkv": {"kernel": make(width, 3 * width), "bias": jnp.zeros(3 * width)},
+            "out": {"kernel": make(width, width), "bias": jnp.zeros(width)},
+            "norm_2": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
+            "mlp_in": {"kernel": make(width, 2 * width), "bias": jnp.zeros(2 * width)},
+            "mlp_out": {"kernel": make(2 * width, width), "bias": jnp.zeros(width)},
+        }
+    params["head"] = {"kernel": make(width, 1000), "bias": jnp.zeros(1000)}
+    return params
+
+
+def run_jax(shapes, rounds, progress):
+    import jax
+    import optax
+
+    results = {}
+    for shape_name, shape in shapes.items():
+        entries = {}
+        for name, make in _jax_optimizers().items():
+            params = jax_params(shape)
+            grads = jax.tree.map(lambda p: p * 1e-3 + 1e-4, params)
+            optimizer = make()
+            state = optimizer.init(params)
+
+            def step(params, state, grads, optimizer=optimizer):
+                updates, state = optimizer.update(grads, state, params)
+                return optax.apply_updates(params, updates), state
+
+            jitted = jax.jit(step, donate_argnums=(0, 1))
+            start = time.perf_counter()
+            compiled = jitted.lower(params, state, grads).compile()
+            compile_s = time.perf_counter() - start
+            params, state = compiled(params, state, grads)  # warm-up
+            jax.block_until_ready(params)
+            entries[name] = {"compiled": compiled, "carry": (params, state), "grads": grads, "times": [],
+                             "compile_s": compile_s,
+                             "state_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state))}
+        n_params = sum(leaf.size for leaf in jax.tree.leaves(jax_params(shape)))
+        n_tensors = len(jax.tree.leaves(jax_params(shape)))
+        for _ in range(rounds):
+            for entry in entries.values():
+                start = time.perf_counter()
+                entry["carry"] = entry["compiled"](*entry["carry"], entry["grads"])
+                jax.block_until_ready(entry["carry"])
+                entry["times"].append(time.perf_counter() - start)
+        yardstick = entries["optax.adamw"]
+        shape_results = {}
+        for name, entry in entries.items():
+            seconds = statistics.median(entry["times"])
+            shape_results[name] = {
+                "framework": "jax", "step_ms_median": 1e3 * seconds,
+                "ratio_to_yardstick": seconds / statistics.median(yardstick["times"]),
+                "state_bytes": int(entry["state_bytes"]), "bytes_moved_per_step": None, "floor_fraction": None,
+                "compile_s": entry["compile_s"], "compile_ratio_to_yardstick": entry["compile_s"] / yardstick["compile_s"],
+                "transient_bytes": None,
+            }
+            if progress:
+                print(f"  jax   {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  "
+                      f"x{shape_results[name]['ratio_to_yardstick']:.2f}  compile {entry['compile_s']:.2f}s")
+        results[shape_name] = {"n_params": int(n_params), "n_tensors": n_tensors, "yardstick": "optax.adamw",
+                               "optimizers": shape_results}
+        del entries
+    return results
+
+
+def run_speed(quick, frameworks=("torch", "jax"), progress=True):
+    """The microbenchmark; returns a JSON-serialisable dict (see the module docstring)."""
+    shapes = QUICK_SHAPES if quick else SHAPES
+    rounds = 3 if quick else 9
+    results = {"shapes": {name: dict(shape) for name, shape in shapes.items()}, "rounds": rounds,
+               "transient_memory": "not measured on CPU: torch has no allocator statistics there",
+               "bytes_per_param_model": BYTES_PER_PARAM}
+    if "torch" in frameworks:
+        results["torch"] = run_torch(shapes, rounds, progress)
+    if "jax" in frameworks:
+        results["jax"] = run_jax(shapes, rounds, progress)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
+    args = parser.parse_args()
+    run_speed(args.quick)
