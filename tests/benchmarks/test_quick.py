@@ -1,0 +1,45 @@
+"""The main job's quick mode runs end to end and writes a complete report."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_quick_mode_writes_a_complete_report(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    for name in ("curves.png", "memory_vs_quality.png", "step_time.png", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+    assert report["machine"]["cpu_count"] and report["date"]
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import jax_tasks, optimizers, torch_tasks
+
+    for framework, tasks in (("torch", torch_tasks.TASKS), ("jax", jax_tasks.TASKS)):
+        quality = report["quality"][framework]
+        assert set(quality) == set(tasks)
+        for task, entries in quality.items():
+            assert set(entries) - {"steps"} == set(optimizers.registry(framework)), (framework, task)
+            for name, entry in entries.items():
+                if name == "steps":
+                    continue
+                assert entry["step_ms"] > 0 and entry["state_bytes"] >= 0
+                assert len(entry["sweep"]) == 1 and entry["seeds"] == 1
+    # What STAC is for: less optimizer state than AdamW, on every task.
+    for task, entries in report["quality"]["torch"].items():
+        assert entries["STAC"]["state_bytes"] < entries["AdamW"]["state_bytes"], task
+        assert entries["STAC plain sign"]["state_bytes"] < entries["STAC bf16 state"]["state_bytes"] \
+            < entries["STAC"]["state_bytes"], task
+
+    for framework, yardstick in (("torch", "AdamW fused"), ("jax", "optax.adamw")):
+        for shape, block in report["speed"][framework].items():
+            assert block["optimizers"][yardstick]["ratio_to_yardstick"] == 1.0
+            for name, entry in block["optimizers"].items():
+                assert math.isfinite(entry["step_ms_median"]) and entry["step_ms_median"] > 0, (shape, name)
+    assert 0 < report["speed"]["torch"]["large"]["floor_gb_per_s"] < 10_000
