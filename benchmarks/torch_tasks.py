@@ -134,8 +134,8 @@ def nonstationary(steps):
 
 TASKS = {  # name -> (factory(steps), default steps)
     "digits_mlp": (digits_mlp, 400),
-    "mnist_cnn": (mnist_cnn, 300),
-    "shakespeare_lm": (shakespeare_lm, 300),
+    "mnist_cnn": (mnist_cnn, 200),
+    "shakespeare_lm": (shakespeare_lm, 200),
     "residual_regression": (residual_regression, 400),
     "nonstationary": (nonstationary, 400),
 }
