@@ -87,7 +87,7 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
 
 
 def stam_lite(learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength=0.2, moment_decay=0.99,
-              beta1_update_interval=5, state_dtype=jnp.float32, eps=1e-8, mask=None):
+              beta1_update_interval=5, state_dtype=None, eps=1e-8, mask=None):
     r"""STAMLite as an ``optax.GradientTransformation`` (optax's sign: ``optax.apply_updates`` adds it).
 
     ``params <- params - learning_rate * (direction + weight_decay * params)``,
@@ -104,7 +104,7 @@ def stam_lite(learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength
     adapt_strength         0.2         [0, 0.5]  how far beta1 may drop below b1_base
     moment_decay           0.99        (0, 1)    decay of the gradient moments
     beta1_update_interval  5           >= 1      recompute beta1 every k steps
-    state_dtype            float32     dtype     storage dtype of mu
+    state_dtype            None        dtype     storage dtype of mu (None: float32)
     eps                    1e-8        > 0       denominator guard
     =====================  ==========  ========  ==================================
     """
@@ -117,8 +117,10 @@ def stam_lite(learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength
     if isinstance(beta1_update_interval, (bool, float)) or (
             isinstance(beta1_update_interval, int) and beta1_update_interval < 1):
         raise ValueError(f"beta1_update_interval must be an integer >= 1, got {beta1_update_interval!r}")
+    # The default is None, not jnp.float32: optax.inject_hyperparams would take the callable
+    # jnp.float32 for a schedule. Under inject_hyperparams pass it in static_args.
     try:
-        state_dtype = jnp.dtype(state_dtype)
+        state_dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
     except TypeError:
         raise ValueError(f"state_dtype must be a floating dtype such as jnp.bfloat16, got {state_dtype!r}") from None
     if not jnp.issubdtype(state_dtype, jnp.floating):
@@ -138,6 +140,6 @@ class STAMLite(SeedOptimizer):
     """
 
     def __init__(self, learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength=0.2, moment_decay=0.99,
-                 beta1_update_interval=5, state_dtype=jnp.float32, eps=1e-8, error_if_nonfinite=False):
+                 beta1_update_interval=5, state_dtype=None, eps=1e-8, error_if_nonfinite=False):
         super().__init__(stam_lite(learning_rate, b1_base, weight_decay, adapt_strength, moment_decay,
                                    beta1_update_interval, state_dtype, eps), error_if_nonfinite)
