@@ -39,7 +39,7 @@ def skip_nonfinite(inner):
 
     When any gradient leaf holds a NaN or an Inf the step changes nothing: the
     updates are zero, the inner state is kept as it was, and
-    ``nonfinite_skipped_steps`` counts it. One finiteness flag and ``jnp.where``,
+    ``nonfinite_skipped_steps`` counts it. One finiteness flag and ``lax.cond``,
     so it runs under ``jax.jit`` without Python control flow.
     """
 
@@ -48,10 +48,15 @@ def skip_nonfinite(inner):
 
     def update(updates, state, params=None):
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(updates)]))
-        new_updates, new_inner = inner.update(updates, state.inner_state, params)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-        new_inner = jax.tree.map(keep, new_inner, state.inner_state)
+
+        def apply(_):
+            return inner.update(updates, state.inner_state, params)
+
+        def skip(_):
+            return jax.tree.map(jnp.zeros_like, updates), state.inner_state
+
+        # lax.cond runs one branch, so a finite step pays no extra pass over the state.
+        new_updates, new_inner = jax.lax.cond(finite, apply, skip, None)
         skipped = state.nonfinite_skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
         return new_updates, SkipNonfiniteState(new_inner, skipped)
 
