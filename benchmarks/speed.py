@@ -1,13 +1,18 @@
 """Per-step time and optimizer-state bytes at two shapes, as ratios to a yardstick measured in the same run.
 
 Shapes: ``large`` = 4 x Linear(4096, 4096) (67M parameters), ``stack`` = a
-transformer-like stack of ~200 tensors (~10M parameters). PyTorch is compared
+transformer-like stack of 16 blocks of width 272 (195 tensors, 10M parameters). PyTorch is compared
 with ``torch.optim.AdamW(fused=True)`` (foreach shown too), JAX with jitted
 ``optax.adamw`` (buffers donated on both sides, compile time reported apart,
 warm-up excluded, ``block_until_ready`` after each step). Optimizers are timed
 round-robin over several rounds and the median is kept, so drift of the
 machine hits all of them alike. The machine's memory-bandwidth floor is the
 time of an in-place ``mul_`` over a buffer of the same bytes (read + write).
+
+Transient memory is the growth of the process's peak resident set (Linux
+``VmHWM``, reset through ``/proc/self/clear_refs``) during one step after
+warm-up, with glibc told to map every allocation of 128 KiB or more afresh
+(``mallopt``), so a temporary cannot hide in memory freed earlier.
 
 Bytes each update must move, per parameter (fp32): AdamW 28 (read p, g, m, v;
 write p, m, v); STAC trunk 20 (16 with bf16 momentum, 12 plain sign), its cap 28;
@@ -21,7 +26,7 @@ import time
 
 import numpy as np
 
-SHAPES = {"large": dict(layers=4, width=4096), "stack": dict(blocks=24, width=256)}
+SHAPES = {"large": dict(layers=4, width=4096), "stack": dict(blocks=16, width=272)}
 QUICK_SHAPES = {"large": dict(layers=2, width=512), "stack": dict(blocks=2, width=64)}
 BYTES_PER_PARAM = {"AdamW fused": 28, "AdamW foreach": 28, "STAM": 36, "STAMLite": 24, "Lion": 20,
                    "SGD momentum": 20}
@@ -75,6 +80,39 @@ def _stac_bytes(optimizer):
     return total
 
 
+def _status_bytes(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def transient_tracking():
+    """True once glibc maps every allocation >= 128 KiB afresh and the peak RSS can be reset (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        if not (libc.mallopt(m_mmap_threshold, 128 * 1024) and libc.mallopt(m_trim_threshold, 128 * 1024)):
+            return False
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def transient_bytes(run_step):
+    """Growth of the peak resident set while ``run_step()`` runs (see the module docstring)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # the peak resident set restarts from the current one
+    before = _status_bytes("VmRSS")
+    run_step()
+    return max(_status_bytes("VmHWM") - before, 0)
+
+
 def bandwidth_floor(n_bytes, repeats):
     """Seconds to read and write ``n_bytes`` in place once (the best of ``repeats``)."""
     import torch
@@ -88,7 +126,7 @@ def bandwidth_floor(n_bytes, repeats):
     return best
 
 
-def run_torch(shapes, rounds, progress):
+def run_torch(shapes, rounds, progress, track_transient):
     import torch
 
     from benchmarks.torch_tasks import state_bytes
@@ -111,6 +149,8 @@ def run_torch(shapes, rounds, progress):
                 start = time.perf_counter()
                 optimizer.step()
                 times.append(time.perf_counter() - start)
+        transients = {name: transient_bytes(optimizer.step) if track_transient else None
+                      for name, (model, optimizer, times) in entries.items()}
         floor_seconds_per_byte = bandwidth_floor(28 * n_params, rounds) / (28 * n_params)
         yardstick = statistics.median(entries["AdamW fused"][2])
         shape_results = {}
@@ -121,10 +161,11 @@ def run_torch(shapes, rounds, progress):
                 "framework": "torch", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
                 "state_bytes": state_bytes(optimizer), "bytes_moved_per_step": moved,
                 "floor_fraction": moved * floor_seconds_per_byte / seconds, "compile_s": None,
-                "transient_bytes": None,
+                "transient_bytes": transients[name],
             }
             if progress:
-                print(f"  torch {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  x{seconds / yardstick:.2f}")
+                print(f"  torch {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  x{seconds / yardstick:.2f}  "
+                      f"floor {shape_results[name]['floor_fraction']:.0%}")
         results[shape_name] = {"n_params": n_params, "n_tensors": len(list(model.parameters())),
                                "floor_gb_per_s": 1e-9 / floor_seconds_per_byte, "yardstick": "AdamW fused",
                                "optimizers": shape_results}
@@ -169,7 +210,7 @@ def jax_params(shape):
     return params
 
 
-def run_jax(shapes, rounds, progress):
+def run_jax(shapes, rounds, progress, track_transient):
     import jax
     import optax
 
@@ -203,6 +244,12 @@ def run_jax(shapes, rounds, progress):
                 entry["carry"] = entry["compiled"](*entry["carry"], entry["grads"])
                 jax.block_until_ready(entry["carry"])
                 entry["times"].append(time.perf_counter() - start)
+        for entry in entries.values():
+            if track_transient:
+                def run_step(entry=entry):
+                    entry["carry"] = entry["compiled"](*entry["carry"], entry["grads"])
+                    jax.block_until_ready(entry["carry"])
+                entry["transient_bytes"] = transient_bytes(run_step)
         yardstick = entries["optax.adamw"]
         shape_results = {}
         for name, entry in entries.items():
@@ -212,7 +259,7 @@ def run_jax(shapes, rounds, progress):
                 "ratio_to_yardstick": seconds / statistics.median(yardstick["times"]),
                 "state_bytes": int(entry["state_bytes"]), "bytes_moved_per_step": None, "floor_fraction": None,
                 "compile_s": entry["compile_s"], "compile_ratio_to_yardstick": entry["compile_s"] / yardstick["compile_s"],
-                "transient_bytes": None,
+                "transient_bytes": entry.get("transient_bytes"),
             }
             if progress:
                 print(f"  jax   {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  "
@@ -227,18 +274,20 @@ def run_speed(quick, frameworks=("torch", "jax"), progress=True):
     """The microbenchmark; returns a JSON-serialisable dict (see the module docstring)."""
     shapes = QUICK_SHAPES if quick else SHAPES
     rounds = 3 if quick else 9
+    track_transient = transient_tracking()
     results = {"shapes": {name: dict(shape) for name, shape in shapes.items()}, "rounds": rounds,
-               "transient_memory": "not measured on CPU: torch has no allocator statistics there",
+               "transient_memory": "peak RSS growth during one step" if track_transient else "not measured here",
                "bytes_per_param_model": BYTES_PER_PARAM}
     if "torch" in frameworks:
-        results["torch"] = run_torch(shapes, rounds, progress)
+        results["torch"] = run_torch(shapes, rounds, progress, track_transient)
     if "jax" in frameworks:
-        results["jax"] = run_jax(shapes, rounds, progress)
+        results["jax"] = run_jax(shapes, rounds, progress, track_transient)
     return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
+    parser.add_argument("--frameworks", nargs="+", default=["torch", "jax"], choices=["torch", "jax"])
     args = parser.parse_args()
-    run_speed(args.quick)
+    run_speed(args.quick, args.frameworks)

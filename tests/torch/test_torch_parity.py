@@ -146,3 +146,51 @@ def test_compiled_training_step_matches_eager_while_the_lr_changes(name):
         train_step(twin, eager)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.fixture
+def compile_every_tensor(monkeypatch):
+    """Run even the test models' small tensors through the compiled kernels; yields a count of compiled calls."""
+    from stac_optimizer import stac
+    from stac_optimizer._torch_common import TensorKernel
+    from stam_optimizer.torch import stam, stam_lite
+
+    monkeypatch.setattr(TensorKernel, "compiled_min_numel", 0)
+    compiled_calls = []
+    for kernel in (stac._sign_kernel, stac._plain_sign_kernel, stam._stam_kernel, stam_lite._stam_lite_kernel):
+        def counting(*args, compiled=kernel.compiled, **kwargs):
+            compiled_calls.append(1)
+            return compiled(*args, **kwargs)
+        monkeypatch.setattr(kernel, "compiled", counting)
+    yield compiled_calls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_kernels_match_the_op_by_op_update(name, compile_every_tensor):
+    model, inputs, targets = model_and_data()
+    twin, _, _ = model_and_data()
+    fused, op_by_op = OPTIMIZERS_UNDER_TEST[name](model), OPTIMIZERS_UNDER_TEST[name](twin, fused=False)
+    train(model, fused, inputs, targets, 5)
+    train(twin, op_by_op, inputs, targets, 5)
+    assert len(compile_every_tensor) >= 5 * len(fused.state) // 2  # most tensors ran compiled kernels
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key, value in fused.state[p].items():
+            torch.testing.assert_close(value, op_by_op.state[q][key])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_learning_rate_schedule_compiles_no_new_kernel(name, compile_every_tensor):
+    from torch._dynamo.utils import counters
+
+    model, inputs, targets = model_and_data(seed=1)
+    optimizer = OPTIMIZERS_UNDER_TEST[name](model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    train(model, optimizer, inputs, targets, 1)
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        train(model, optimizer, inputs, targets, 1)
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] < 1e-2 / 3
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -1,15 +1,43 @@
 """STAM for PyTorch: AdamW with a variance-adaptive beta1 (seed 002), the same numbers as the JAX STAM."""
 
+import math
+
 import torch
 
-from stac_optimizer._torch_common import SkipNonfiniteOptimizer, check_range
+from stac_optimizer._torch_common import SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard); as in the JAX STAM.
 VARIANCE_CAP = 10.0
 
 
+def _stam_tensor_step(param, grad, mu, nu, *, variance, scale, beta1_used, beta1_product, step, lr, decay, b1_base,
+                      b2, one_minus_b2, log_b2, adapt_strength, tau_decay, one_minus_tau_decay, eps):
+    g = grad.to(mu.dtype)
+    step.add_(1)
+    residual = g - mu
+    new_variance = b2 * variance + one_minus_b2 * residual.square().mean()
+    new_scale = tau_decay * scale + one_minus_tau_decay * residual.abs().mean()
+    finite = new_variance.isfinite() & new_scale.isfinite()
+    new_variance = torch.minimum(new_variance, VARIANCE_CAP * new_scale.square())
+    z = new_variance / (new_scale.square() + eps)
+    adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
+    beta1 = torch.where(finite, adapted, b1_base)
+    variance.copy_(torch.where(finite, new_variance, variance))
+    scale.copy_(torch.where(finite, new_scale, scale))
+    beta1_used.copy_(beta1)
+    beta1_product.mul_(beta1)
+
+    mu.copy_(beta1 * mu + (1 - beta1) * g)
+    nu.copy_(b2 * nu + one_minus_b2 * g * g)
+    denom = (nu / -torch.expm1(step * log_b2)).sqrt() + eps  # 1 - b2^t, exact for b2 near 1
+    param.copy_(param * decay - lr * (mu / (1 - beta1_product)) / denom)
+
+
+_stam_kernel = TensorKernel(_stam_tensor_step)
+
+
 def stam_update(params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s, beta1_products, steps, *, lr,
-                b1_base, b2, weight_decay, adapt_strength, tau_decay, eps):
+                b1_base, b2, weight_decay, adapt_strength, tau_decay, eps, fused):
     r"""STAM's update, in place, one tensor at a time (seed 002, "Core Update Rules").
 
     Per tensor, at step t, with gradient g::
@@ -24,33 +52,22 @@ def stam_update(params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s,
 
     Non-finite var_t or tau_t: beta1 = b1_base and both keep their old values.
     The tensor statistics stay on the device as 0-d tensors (no host sync).
-    Low-precision parameters are computed in float32 and stored back.
+    Low-precision parameters are computed in float32 and stored back. With
+    ``fused`` each tensor is one compiled kernel: a read pass over g and mu for
+    the statistics, then one pass updating mu, nu and p; otherwise the same
+    code runs op by op.
     """
+    kinds = {}
     for param, grad, mu, nu, variance, scale, beta1_used, beta1_product, step in zip(
             params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s, beta1_products, steps):
-        g = grad.to(variance.dtype)
-        step.add_(1)
-        residual = g - mu
-        new_variance = b2 * variance + (1 - b2) * residual.square().mean()
-        new_scale = tau_decay * scale + (1 - tau_decay) * residual.abs_().mean()
-        finite = new_variance.isfinite() & new_scale.isfinite()
-        new_variance = torch.minimum(new_variance, VARIANCE_CAP * new_scale.square())
-        z = new_variance / (new_scale.square() + eps)
-        adapted = (b1_base * (1 - adapt_strength * z / (1 + z))).clamp(b1_base * (1 - adapt_strength), b1_base)
-        beta1 = torch.where(finite, adapted, torch.full_like(adapted, b1_base))
-        variance.copy_(torch.where(finite, new_variance, variance))
-        scale.copy_(torch.where(finite, new_scale, scale))
-        beta1_used.copy_(beta1)
-
-        mu.mul_(beta1).add_(g * (1 - beta1))
-        nu.mul_(b2).addcmul_(g, g, value=1 - b2)
-        beta1_product.mul_(beta1)
-        # p <- p - lr mu / ((1 - prod) (sqrt(nu / bc2) + eps)), with the scalars kept on the device.
-        denom = (nu / (1 - b2 ** step)).sqrt_().add_(eps).mul_((1 - beta1_product) / lr)
-        update = mu / denom
-        if weight_decay != 0.0:
-            param.mul_(1 - lr * weight_decay)
-        param.sub_(update.to(param.dtype))
+        kind = (mu.device, mu.dtype)
+        if kind not in kinds:
+            # Complements are taken in Python's float64: 1 - b2 in float32 would be off by 1e-5.
+            kinds[kind] = scalar_tensors(*kind, lr=lr, decay=1 - lr * weight_decay, b1_base=b1_base, b2=b2,
+                                         one_minus_b2=1 - b2, log_b2=math.log(b2), adapt_strength=adapt_strength,
+                                         tau_decay=tau_decay, one_minus_tau_decay=1 - tau_decay, eps=eps)
+        _stam_kernel(fused, param, grad, mu, nu, variance=variance, scale=scale, beta1_used=beta1_used,
+                     beta1_product=beta1_product, step=step, **kinds[kind])
 
 
 class STAM(SkipNonfiniteOptimizer):
@@ -88,7 +105,7 @@ class STAM(SkipNonfiniteOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_strength=0.2,
-                 tau_decay=0.99, eps=1e-8, error_if_nonfinite=False):
+                 tau_decay=0.99, eps=1e-8, error_if_nonfinite=False, fused=True):
         check_range("lr", lr, 0.0)
         check_range("b1_base", b1_base, 0.0, 1.0, low_open=True)
         check_range("b2", b2, 0.0, 1.0, low_open=True)
@@ -99,6 +116,7 @@ class STAM(SkipNonfiniteOptimizer):
         defaults = dict(lr=lr, b1_base=b1_base, b2=b2, weight_decay=weight_decay, adapt_strength=adapt_strength,
                         tau_decay=tau_decay, eps=eps)
         super().__init__(params, defaults, error_if_nonfinite)
+        self.fused = bool(fused)
 
     def _update_group(self, group, params, grads):
         for param in params:
@@ -113,4 +131,4 @@ class STAM(SkipNonfiniteOptimizer):
         stam_update(params, grads, *([s[key] for s in states] for key in (
             "exp_avg", "exp_avg_sq", "variance", "scale", "beta1", "beta1_product", "step")),
             lr=group["lr"], b1_base=group["b1_base"], b2=group["b2"], weight_decay=group["weight_decay"],
-            adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"])
+            adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"], fused=self.fused)

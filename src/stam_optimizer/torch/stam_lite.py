@@ -1,12 +1,39 @@
 """STAMLite for PyTorch: STAM's adaptive beta1 from cheap tensor moments, RMS denominator (seed 002)."""
 
+import math
+
 import torch
 
-from stac_optimizer._torch_common import SkipNonfiniteOptimizer, check_range
+from stac_optimizer._torch_common import SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors
+
+
+def _stam_lite_tensor_step(param, grad, mu, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, decay,
+                           b1_base, adapt_strength, moment_decay, one_minus_moment_decay, log_moment_decay,
+                           beta1_update_interval, eps):
+    g = grad.to(grad_mean.dtype)
+    step.add_(1)
+    new_mean = moment_decay * grad_mean + one_minus_moment_decay * g.mean()
+    new_sq_mean = moment_decay * grad_sq_mean + one_minus_moment_decay * g.square().mean()
+    finite = new_mean.isfinite() & new_sq_mean.isfinite()
+    grad_mean.copy_(torch.where(finite, new_mean, grad_mean))
+    grad_sq_mean.copy_(torch.where(finite, new_sq_mean, grad_sq_mean))
+    z = (grad_sq_mean - grad_mean.square()).clamp(min=0) / (grad_sq_mean + eps)
+    adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
+    refresh = torch.remainder(step - 1, beta1_update_interval) == 0
+    beta1.copy_(torch.where(finite, torch.where(refresh, adapted, beta1), b1_base))
+    beta1_product.mul_(beta1)
+
+    mu_full = beta1 * mu.to(g.dtype) + (1 - beta1) * g
+    mu.copy_(mu_full)
+    rms = (grad_sq_mean / -torch.expm1(step * log_moment_decay)).sqrt() + eps  # 1 - moment_decay^t
+    param.copy_(param * decay - mu_full * (lr / ((1 - beta1_product) * rms)))
+
+
+_stam_lite_kernel = TensorKernel(_stam_lite_tensor_step)
 
 
 def stam_lite_update(params, grads, exp_avgs, grad_means, grad_sq_means, beta1s, beta1_products, steps, *, lr,
-                     b1_base, weight_decay, adapt_strength, moment_decay, beta1_update_interval, eps):
+                     b1_base, weight_decay, adapt_strength, moment_decay, beta1_update_interval, eps, fused):
     r"""STAMLite's update, in place, one tensor at a time (seed 002, "STAMLite Approximation").
 
     Per tensor, at step t, with gradient g and k = beta1_update_interval::
@@ -20,29 +47,23 @@ def stam_lite_update(params, grads, exp_avgs, grad_means, grad_sq_means, beta1s,
         p       <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(E[g^2]_t / (1 - moment_decay^t)) + eps)
 
     Non-finite moments: beta1 = b1_base and the moments keep their old values.
+    With ``fused`` each tensor is one compiled kernel: a read pass over g for
+    the moments, then one pass updating mu and p; otherwise the same code runs
+    op by op.
     """
+    kinds = {}
     for param, grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, step in zip(
             params, grads, exp_avgs, grad_means, grad_sq_means, beta1s, beta1_products, steps):
-        g = grad.to(grad_mean.dtype)
-        step.add_(1)
-        new_mean = moment_decay * grad_mean + (1 - moment_decay) * g.mean()
-        new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * g.square().mean()
-        finite = new_mean.isfinite() & new_sq_mean.isfinite()
-        grad_mean.copy_(torch.where(finite, new_mean, grad_mean))
-        grad_sq_mean.copy_(torch.where(finite, new_sq_mean, grad_sq_mean))
-        z = (grad_sq_mean - grad_mean.square()).clamp_(min=0) / (grad_sq_mean + eps)
-        adapted = (b1_base * (1 - adapt_strength * z / (1 + z))).clamp(b1_base * (1 - adapt_strength), b1_base)
-        refresh = (step - 1) % beta1_update_interval == 0
-        beta1.copy_(torch.where(finite, torch.where(refresh, adapted, beta1), torch.full_like(beta1, b1_base)))
-
-        mu_full = mu.to(g.dtype).mul_(beta1).add_(g * (1 - beta1))  # in place when mu is already g's dtype
-        if mu_full is not mu:
-            mu.copy_(mu_full)
-        beta1_product.mul_(beta1)
-        rms = (grad_sq_mean / (1 - moment_decay ** step)).sqrt_().add_(eps)
-        if weight_decay != 0.0:
-            param.mul_(1 - lr * weight_decay)
-        param.sub_((mu_full * (lr / ((1 - beta1_product) * rms))).to(param.dtype))
+        kind = (grad_mean.device, grad_mean.dtype)
+        if kind not in kinds:
+            # Complements are taken in Python's float64: 1 - 0.99 in float32 would be off by 1e-6.
+            kinds[kind] = scalar_tensors(*kind, lr=lr, decay=1 - lr * weight_decay, b1_base=b1_base,
+                                         adapt_strength=adapt_strength, moment_decay=moment_decay,
+                                         one_minus_moment_decay=1 - moment_decay,
+                                         log_moment_decay=math.log(moment_decay),
+                                         beta1_update_interval=beta1_update_interval, eps=eps)
+        _stam_lite_kernel(fused, param, grad, mu, grad_mean=grad_mean, grad_sq_mean=grad_sq_mean, beta1=beta1,
+                          beta1_product=beta1_product, step=step, **kinds[kind])
 
 
 class STAMLite(SkipNonfiniteOptimizer):
@@ -73,7 +94,7 @@ class STAMLite(SkipNonfiniteOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength=0.2, moment_decay=0.99,
-                 beta1_update_interval=5, state_dtype=None, eps=1e-8, error_if_nonfinite=False):
+                 beta1_update_interval=5, state_dtype=None, eps=1e-8, error_if_nonfinite=False, fused=True):
         check_range("lr", lr, 0.0)
         check_range("b1_base", b1_base, 0.0, 1.0, low_open=True)
         check_range("weight_decay", weight_decay, 0.0)
@@ -88,6 +109,7 @@ class STAMLite(SkipNonfiniteOptimizer):
         defaults = dict(lr=lr, b1_base=b1_base, weight_decay=weight_decay, adapt_strength=adapt_strength,
                         moment_decay=moment_decay, beta1_update_interval=beta1_update_interval, eps=eps)
         self.state_dtype = state_dtype
+        self.fused = bool(fused)
         super().__init__(params, defaults, error_if_nonfinite)
 
     def _update_group(self, group, params, grads):
@@ -104,4 +126,4 @@ class STAMLite(SkipNonfiniteOptimizer):
             "exp_avg", "grad_mean", "grad_sq_mean", "beta1", "beta1_product", "step")),
             lr=group["lr"], b1_base=group["b1_base"], weight_decay=group["weight_decay"],
             adapt_strength=group["adapt_strength"], moment_decay=group["moment_decay"],
-            beta1_update_interval=group["beta1_update_interval"], eps=group["eps"])
+            beta1_update_interval=group["beta1_update_interval"], eps=group["eps"], fused=self.fused)
