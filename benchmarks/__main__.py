@@ -61,7 +61,7 @@ def run_protocol(train_one, grid, seeds, quick):
     }
 
 
-def run_quality(framework, task_names, optimizer_names, seeds, quick):
+def run_quality(framework, task_names, optimizer_names, seeds, quick, suite="default"):
     if framework == "torch":
         import torch
 
@@ -69,7 +69,7 @@ def run_quality(framework, task_names, optimizer_names, seeds, quick):
         torch.set_num_threads(2)
     else:
         from benchmarks import jax_tasks as tasks_module
-    table = optimizer_table.registry(framework)
+    table = optimizer_table.registry(framework, suite)
     results = {}
     for task_name in task_names:
         if task_name not in tasks_module.TASKS:
@@ -118,7 +118,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="skip the speed/memory microbenchmark")
     parser.add_argument("--out", default="results", help="output folder (default: results/)")
+    parser.add_argument("--suite", choices=["default", "ablation"], default="default",
+                        help="ablation: STAC's candidate changes against AdamW (PyTorch only, no speed run)")
     args = parser.parse_args(argv)
+    if args.suite == "ablation":
+        args.frameworks, args.no_speed = ["torch"], True
     seeds = 1 if args.quick else args.seeds
     if seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -128,9 +132,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "quick": args.quick, "seeds": seeds, "protocol": __doc__.split("\n\n", 2)[2],
-              "quality": {}}
+              "suite": args.suite, "quality": {}}
     for framework in args.frameworks:
-        result["quality"][framework] = run_quality(framework, args.tasks, args.optimizers, seeds, args.quick)
+        result["quality"][framework] = run_quality(framework, args.tasks, args.optimizers, seeds, args.quick,
+                                                   args.suite)
     if not args.no_speed:
         print("speed and memory microbenchmark", flush=True)
         result["speed"] = run_speed(args.quick, tuple(args.frameworks))

@@ -48,5 +48,46 @@ def _jax_registry():
     }
 
 
-def registry(framework):
+def embedding_parameters(model):
+    """A predicate for ``STAC(adamw_params=...)``: the parameters of the model's ``nn.Embedding`` layers."""
+    names = {f"{module_name}.{name}" if module_name else name
+             for module_name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)
+             for name, _ in module.named_parameters(recurse=False)}
+    return lambda name: name in names
+
+
+def _ablation_registry():
+    """STAC's candidate changes (issue 6), each alone and combined, beside AdamW; every one gets the LR sweep."""
+    from stac_optimizer import STAC
+
+    def stac(trunk_lr_scale=None, norms_and_embeddings=False, lion=False, bf16=False, **kwargs):
+        def make(m, lr):
+            options = dict(kwargs)
+            if trunk_lr_scale is not None:
+                options["sign_lr"] = trunk_lr_scale * lr
+            if norms_and_embeddings:
+                options.update(adamw_norm_layers=True, adamw_params=embedding_parameters(m))
+            if lion:
+                options.update(sign_interpolation=0.9, sign_momentum=0.99)
+            if bf16:
+                options["sign_state_dtype"] = torch.bfloat16
+            return STAC(m, lr=lr, **options)
+        return make, GRID_ADAM_LIKE
+
+    return {
+        "STAC seed defaults": stac(),
+        "+ norms, embeddings in cap": stac(norms_and_embeddings=True),
+        "+ trunk lr 0.25": stac(trunk_lr_scale=0.25),
+        "+ Lion interpolation": stac(lion=True),
+        "+ bf16 momentum": stac(bf16=True),
+        "+ last 2 layers in cap": stac(last_n_layers=2),
+        "all but Lion": stac(trunk_lr_scale=0.25, norms_and_embeddings=True, bf16=True),
+        "all": stac(trunk_lr_scale=0.25, norms_and_embeddings=True, lion=True, bf16=True),
+        "AdamW": _torch_registry()["AdamW"],
+    }
+
+
+def registry(framework, suite="default"):
+    if suite == "ablation":
+        return _ablation_registry()
     return _torch_registry() if framework == "torch" else _jax_registry()

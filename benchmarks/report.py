@@ -12,11 +12,33 @@ def _fmt_bytes(n):
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def ablation_markdown(result):
+    """One row per configuration: mean validation loss relative to AdamW on each task, and state relative to AdamW."""
+    tasks = result["quality"]["torch"]
+    names = [n for n in next(iter(tasks.values())) if n not in ("steps", "AdamW")]
+    lines = ["| configuration | " + " | ".join(tasks) + " | worst gap | state vs AdamW (max) |",
+             "|---|" + "---:|" * (len(tasks) + 2)]
+    for name in names:
+        cells, gaps, states = [], [], []
+        for entries in tasks.values():
+            e, adamw = entries[name], entries["AdamW"]
+            gaps.append(e["val_loss_mean"] / adamw["val_loss_mean"] - 1)
+            states.append(e["state_bytes"] / adamw["state_bytes"])
+            cells.append(f"{gaps[-1]:+.1%} (±{e['val_loss_std'] / adamw['val_loss_mean']:.1%})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {max(gaps):+.1%} | {max(states):.2f} |")
+    lines += ["", "Each cell: mean final validation loss over the seeds relative to LR-tuned AdamW's "
+              "(negative is better), and in brackets the configuration's seed standard deviation relative to "
+              "AdamW's mean."]
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(result):
     machine = result["machine"]
     lines = [f"Run of {result['date']} on commit {machine.get('commit')}, {machine['platform']}, "
              f"{machine['cpu_count']} CPUs, torch {machine.get('torch')}, jax {machine.get('jax')}; "
              f"{result['seeds']} seed(s){' (quick mode)' if result['quick'] else ''}.", ""]
+    if result.get("suite") == "ablation":
+        lines += ["### STAC ablation: validation loss vs AdamW", "", ablation_markdown(result)]
     for framework, tasks in result["quality"].items():
         for task, entries in tasks.items():
             yardstick = entries.get(YARDSTICK[framework])

@@ -42,10 +42,11 @@ def adamw_step(p, g, state, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
     return p
 
 
-def sign_step(p, g, state, *, lr, sign_momentum=0.9, weight_decay=0.0, maximize=False):
+def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, weight_decay=0.0, maximize=False):
     """STAC's trunk: decoupled decay, then p -= lr * sign(EMA(g)).
 
-    With sign_momentum == 0 this is textbook signSGD and keeps no state.
+    With sign_momentum == 0 this is textbook signSGD and keeps no state. With
+    sign_interpolation = a, the sign is taken of a * m_old + (1 - a) * g (Lion).
     """
     if maximize:
         g = -g
@@ -54,9 +55,11 @@ def sign_step(p, g, state, *, lr, sign_momentum=0.9, weight_decay=0.0, maximize=
         direction = g
     else:
         m = state.get("momentum_buffer", np.zeros_like(p))
-        m = sign_momentum * m + (1.0 - sign_momentum) * g
-        state["momentum_buffer"] = m
-        direction = m
+        if sign_interpolation is None:
+            direction = sign_momentum * m + (1.0 - sign_momentum) * g
+        else:
+            direction = sign_interpolation * m + (1.0 - sign_interpolation) * g
+        state["momentum_buffer"] = sign_momentum * m + (1.0 - sign_momentum) * g
     return p - lr * np.sign(direction)
 
 

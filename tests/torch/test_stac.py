@@ -46,6 +46,7 @@ def assert_same(before, after):
     dict(last_n_layers=1, lr=1e-2, weight_decay=1e-2),
     dict(last_n_layers=2, lr=3e-2, sign_momentum=0.0, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6),
     dict(last_n_layers=1, lr=1e-2, sign_momentum=0.5, maximize=True, amsgrad=True, weight_decay=0.0),
+    dict(last_n_layers=1, lr=1e-2, sign_momentum=0.99, sign_interpolation=0.9, maximize=True, weight_decay=1e-2),
     dict(last_n_layers=0, lr=1e-2, weight_decay=1e-2),
     dict(last_n_layers=1, lr=1e-2, sign_lr=5e-3, adamw_lr=2e-2, weight_decay=1e-2, sign_weight_decay=0.5,
          adamw_weight_decay=0.0),
@@ -77,6 +78,7 @@ def test_every_step_matches_the_float64_reference(options):
                 ref_params[name] = reference.sign_step(
                     ref_params[name], grads[name], ref_states[name], lr=sign_lr,
                     sign_momentum=options.get("sign_momentum", 0.9),
+                    sign_interpolation=options.get("sign_interpolation"),
                     weight_decay=options.get("sign_weight_decay", options["weight_decay"]),
                     maximize=options.get("maximize", False))
         for name, param in model.named_parameters():
