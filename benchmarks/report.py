@@ -37,7 +37,7 @@ def summary_markdown(result):
     lines = [f"Run of {result['date']} on commit {machine.get('commit')}, {machine['platform']}, "
              f"{machine['cpu_count']} CPUs, torch {machine.get('torch')}, jax {machine.get('jax')}; "
              f"{result['seeds']} seed(s){' (quick mode)' if result['quick'] else ''}.", ""]
-    if result.get("suite") == "ablation":
+    if result.get("suite") == "ablation" and all("AdamW" in t for t in result["quality"]["torch"].values()):
         lines += ["### STAC ablation: validation loss vs AdamW", "", ablation_markdown(result)]
     for framework, tasks in result["quality"].items():
         for task, entries in tasks.items():
