@@ -59,39 +59,9 @@ def embedding_parameters(model):
     return lambda name: name in names
 
 
-def _snr_scaled_stac_class():
-    from stac_optimizer import STAC
-
-    class SNRScaledSTAC(STAC):
-        """Ablation candidate (a per-layer scale on the sign step): each trunk tensor's step is scaled by
-        mean(|m_hat|) / sqrt(mean(g^2)_hat), the average size an AdamW step would have on that tensor, so noisy
-        layers step less. Op by op and without ``maximize``; only the benchmark uses it."""
-
-        def _sign_step(self, group, params, grads):
-            beta, lr, decay = group["sign_momentum"], group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-            for param, grad in zip(params, grads):
-                state = self.state[param]
-                if not state:
-                    state.update(momentum_buffer=torch.zeros_like(param, dtype=self.sign_state_dtype or param.dtype),
-                                 grad_sq_mean=torch.zeros(()), step=torch.zeros(()))
-                g = grad.float()
-                momentum = state["momentum_buffer"].float() * beta + g * (1 - beta)
-                state["momentum_buffer"].copy_(momentum)
-                state["step"] += 1
-                state["grad_sq_mean"].mul_(0.999).add_(0.001 * g.square().mean())
-                step = state["step"]
-                rms = (state["grad_sq_mean"] / (1 - 0.999 ** step)).sqrt() + 1e-8
-                scale = momentum.abs().mean() / (1 - beta ** step) / rms
-                param.mul_(decay).sub_((lr * scale * torch.sign(momentum)).to(param.dtype))
-
-    return SNRScaledSTAC
-
-
 def _ablation_registry():
     """STAC's candidate changes (issue 6), each alone and combined, beside AdamW; every one gets the LR sweep."""
     from stac_optimizer import STAC
-
-    snr_scaled = _snr_scaled_stac_class()
 
     def stac(trunk_lr_scale=None, norms_and_embeddings=False, lion=False, bf16=False, snr=False, **kwargs):
         def make(m, lr):
@@ -104,7 +74,9 @@ def _ablation_registry():
                 options.update(sign_interpolation=0.9, sign_momentum=0.99)
             if bf16:
                 options["sign_state_dtype"] = torch.bfloat16
-            return (snr_scaled if snr else STAC)(m, lr=lr, **options)
+            if snr:
+                options["sign_step_scale"] = "snr"
+            return STAC(m, lr=lr, **options)
         return make, GRID_ABLATION
 
     return {

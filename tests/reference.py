@@ -42,25 +42,32 @@ def adamw_step(p, g, state, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
     return p
 
 
-def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, weight_decay=0.0, maximize=False):
+def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, sign_step_scale=None, b2=0.999,
+              eps=1e-8, weight_decay=0.0, maximize=False):
     """STAC's trunk: decoupled decay, then p -= lr * sign(EMA(g)).
 
     With sign_momentum == 0 this is textbook signSGD and keeps no state. With
     sign_interpolation = a, the sign is taken of a * m_old + (1 - a) * g (Lion).
+    With sign_step_scale == "snr" the step is scaled by the tensor's
+    bias-corrected mean |m| over its bias-corrected gradient RMS.
     """
     if maximize:
         g = -g
     p = p * (1.0 - lr * weight_decay)
     if sign_momentum == 0.0:
-        direction = g
-    else:
-        m = state.get("momentum_buffer", np.zeros_like(p))
-        if sign_interpolation is None:
-            direction = sign_momentum * m + (1.0 - sign_momentum) * g
-        else:
-            direction = sign_interpolation * m + (1.0 - sign_interpolation) * g
-        state["momentum_buffer"] = sign_momentum * m + (1.0 - sign_momentum) * g
-    return p - lr * np.sign(direction)
+        return p - lr * np.sign(g)
+    m = state.get("momentum_buffer", np.zeros_like(p))
+    alpha = sign_momentum if sign_interpolation is None else sign_interpolation
+    direction = alpha * m + (1.0 - alpha) * g
+    m = sign_momentum * m + (1.0 - sign_momentum) * g
+    state["momentum_buffer"] = m
+    scale = 1.0
+    if sign_step_scale == "snr":
+        t = state.get("step", 0) + 1
+        v = b2 * state.get("grad_sq_mean", 0.0) + (1.0 - b2) * np.mean(g * g)
+        state["step"], state["grad_sq_mean"] = t, v
+        scale = np.mean(np.abs(m)) / (1.0 - sign_momentum ** t) / (np.sqrt(v / (1.0 - b2 ** t)) + eps)
+    return p - lr * scale * np.sign(direction)
 
 
 def stac_learning_rates(lr, has_sign_layers, has_adamw_layers):

@@ -1,6 +1,6 @@
 """STAC for JAX/optax: the same trunk/cap split and the same numbers as the PyTorch STAC.
 
-``from stac_optimizer.optax import stac, stac_partition``.
+``from stac_optimizer.optax import stac, stac_partition`` (and ``stac_recommended``, the ablation's configuration).
 """
 
 import re
@@ -8,12 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from stac_optimizer.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stam_optimizer.jax._common import check_range, skip_nonfinite
 
 ROOT_LAYER_NAME = "<root>"
-SIGN_LR_SCALE = 0.75  # the trunk's share of the learning rate when there is a cap, as in PyTorch
 # A layer whose own name matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f, norm1).
 NORM_LAYER_NAME = re.compile(r"(norm|^ln(_|\d|$))", re.IGNORECASE)
 
@@ -120,7 +121,7 @@ def sign_momentum_trunk(learning_rate, sign_momentum, weight_decay, sign_state_d
 
 def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_dtype=None, b1=0.9, b2=0.999,
          betas=None, eps=1e-8, weight_decay=1e-2, sign_weight_decay=None, adamw_weight_decay=None,
-         adamw_norm_layers=False, adamw_params=None, partition=None):
+         sign_learning_rate=None, adamw_norm_layers=False, adamw_params=None, partition=None):
     r"""STAC as an ``optax.GradientTransformation``: a sign-momentum trunk and an ``optax.adamw`` cap.
 
     The same algorithm, defaults and learning-rate split as ``stac_optimizer.STAC``
@@ -130,8 +131,8 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_d
         cap:    optax.adamw(lr, b1, b2, eps, wd_a)     (equal to torch.optim.AdamW)
 
     with ``lr_s = 0.75 * learning_rate`` when there is a cap and
-    ``learning_rate`` when every layer is in the trunk (``learning_rate`` may
-    be a schedule). The partition comes from ``stac_partition`` on the params
+    ``learning_rate`` when every layer is in the trunk, unless
+    ``sign_learning_rate`` gives it (either may be a schedule). The partition comes from ``stac_partition`` on the params
     given to ``init`` (call ``init`` eagerly on your model's own tree), or from
     ``partition=stac_partition(params, ...)`` given explicitly — print
     ``partition.sign_layer_names`` / ``adamw_layer_names`` to check it before the
@@ -152,8 +153,9 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_d
         if (b1, b2) != (0.9, 0.999) and tuple(betas) != (b1, b2):
             raise ValueError(f"give betas or b1/b2, not both: got betas={betas!r}, b1={b1!r}, b2={b2!r}")
         b1, b2 = betas
-    if not callable(learning_rate):
-        check_range("learning_rate", learning_rate, 0.0)
+    for name, value in (("learning_rate", learning_rate), ("sign_learning_rate", sign_learning_rate)):
+        if value is not None and not callable(value):
+            check_range(name, value, 0.0)
     check_range("sign_momentum", sign_momentum, 0.0, 1.0, high_open=True)
     check_range("b1", b1, 0.0, 1.0, high_open=True)
     check_range("b2", b2, 0.0, 1.0, high_open=True)
@@ -173,17 +175,34 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_d
                                                    adamw_params=adamw_params)
         return resolved["partition"]
 
-    def sign_learning_rate(count):
+    def trunk_learning_rate(count):
+        if sign_learning_rate is not None:
+            return sign_learning_rate(count) if callable(sign_learning_rate) else sign_learning_rate
         # Read when the update is traced, after init resolved the partition.
         part = resolved["partition"]
         scale = SIGN_LR_SCALE if part.sign_layer_names and part.adamw_layer_names else 1.0
         return scale * (learning_rate(count) if callable(learning_rate) else learning_rate)
 
-    trunk = sign_momentum_trunk(sign_learning_rate, sign_momentum,
+    trunk = sign_momentum_trunk(trunk_learning_rate, sign_momentum,
                                 weight_decay if sign_weight_decay is None else sign_weight_decay, sign_state_dtype)
     cap = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay)
     return skip_nonfinite(optax.partition({"sign": trunk, "adamw": cap}, lambda tree: resolve(tree).labels(tree)))
 
 
-__all__ = ["stac", "stac_partition", "PytreePartition", "sign_momentum_trunk"]
+def stac_recommended(learning_rate=3e-3, **overrides):
+    """``stac`` as the benchmark's ablation recommends it, like ``STAC.recommended`` in PyTorch.
+
+    The trunk at ``0.25 * learning_rate`` (a sign step moves every coordinate
+    by the full rate, AdamW's normalized step by a fraction of it) and its
+    momentum in bfloat16; everything else at ``stac``'s defaults, and
+    ``overrides`` go to ``stac`` and win. ``learning_rate`` may be a schedule.
+    """
+    scale = RECOMMENDED_SIGN_LR_SCALE
+    options = dict(sign_learning_rate=(lambda count: scale * learning_rate(count)) if callable(learning_rate)
+                   else scale * learning_rate, sign_state_dtype=jnp.bfloat16)
+    options.update(overrides)
+    return stac(learning_rate, **options)
+
+
+__all__ = ["stac", "stac_recommended", "stac_partition", "PytreePartition", "sign_momentum_trunk"]

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import reference
-from stac_optimizer.optax import stac, stac_partition
+from stac_optimizer.optax import stac, stac_partition, stac_recommended
 
 GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stac.json").read_text())
 
@@ -158,6 +158,21 @@ def test_schedule_drives_both_roles():
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize("learning_rate", [2e-3, optax.constant_schedule(2e-3)], ids=["float", "schedule"])
+def test_recommended_preset_steps_the_trunk_at_a_quarter_lr_with_bf16_momentum(learning_rate):
+    params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
+    grads = {"a": {"w": jnp.array([1.0, -2.0, 0.5])}, "b": {"w": jnp.array([1.0, -2.0, 0.5])}}
+    optimizer = stac_recommended(learning_rate, weight_decay=0.0)
+    state = optimizer.init(params)
+    updates, state = jax.jit(optimizer.update)(grads, state, params)
+    direction = np.sign(np.asarray(grads["a"]["w"]))
+    np.testing.assert_allclose(updates["a"]["w"], -0.25 * 2e-3 * direction, rtol=1e-6)  # the sign trunk
+    np.testing.assert_allclose(updates["b"]["w"], -2e-3 * direction, rtol=1e-4)  # AdamW's first step ~ lr sign(g)
+    assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state))
+    assert not any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(
+        stac_recommended(learning_rate, sign_state_dtype=None).init(params)))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(learning_rate=-1.0), r"learning_rate must be in \[0.0, inf\)"),
     (dict(last_n_layers=-1), r"last_n_layers must be an integer >= 0, got -1"),
@@ -165,6 +180,7 @@ def test_schedule_drives_both_roles():
     (dict(betas=(0.9,)), r"betas must be a pair"),
     (dict(betas=(0.9, 0.99), b1=0.8), r"give betas or b1/b2, not both"),
     (dict(adamw_weight_decay=-1.0), r"adamw_weight_decay must be in \[0.0, inf\)"),
+    (dict(sign_learning_rate=-1e-3), r"sign_learning_rate must be in \[0.0, inf\)"),
 ])
 def test_bad_input_names_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):

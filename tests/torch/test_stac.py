@@ -47,6 +47,9 @@ def assert_same(before, after):
     dict(last_n_layers=2, lr=3e-2, sign_momentum=0.0, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6),
     dict(last_n_layers=1, lr=1e-2, sign_momentum=0.5, maximize=True, amsgrad=True, weight_decay=0.0),
     dict(last_n_layers=1, lr=1e-2, sign_momentum=0.99, sign_interpolation=0.9, maximize=True, weight_decay=1e-2),
+    dict(last_n_layers=1, lr=1e-2, sign_step_scale="snr", maximize=True, betas=(0.9, 0.99), eps=1e-6,
+         weight_decay=1e-2),
+    dict(last_n_layers=0, lr=1e-2, sign_momentum=0.8, sign_step_scale="snr", weight_decay=0.0),
     dict(last_n_layers=0, lr=1e-2, weight_decay=1e-2),
     dict(last_n_layers=1, lr=1e-2, sign_lr=5e-3, adamw_lr=2e-2, weight_decay=1e-2, sign_weight_decay=0.5,
          adamw_weight_decay=0.0),
@@ -79,12 +82,14 @@ def test_every_step_matches_the_float64_reference(options):
                     ref_params[name], grads[name], ref_states[name], lr=sign_lr,
                     sign_momentum=options.get("sign_momentum", 0.9),
                     sign_interpolation=options.get("sign_interpolation"),
+                    sign_step_scale=options.get("sign_step_scale"), b2=options.get("betas", (0.9, 0.999))[1],
+                    eps=options.get("eps", 1e-8),
                     weight_decay=options.get("sign_weight_decay", options["weight_decay"]),
                     maximize=options.get("maximize", False))
         for name, param in model.named_parameters():
             np.testing.assert_allclose(param.detach().numpy(), ref_params[name], rtol=1e-12, atol=1e-12)
             state = optimizer.state[param]
-            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            for key in ("momentum_buffer", "grad_sq_mean", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 assert (key in state) == (key in ref_states[name]), key
                 if key in state:
                     np.testing.assert_allclose(state[key].numpy(), ref_states[name][key], rtol=1e-12, atol=1e-14)
@@ -140,6 +145,23 @@ def test_learning_rates_of_each_role_and_seed_000_aliases():
         STAC(mlp(), sign_momentum=0.9, trunk_momentum=0.8)
     with pytest.raises(ValueError, match="cap_weight_decay is seed 000's name for adamw_weight_decay"):
         STAC(mlp(), adamw_weight_decay=0.0, cap_weight_decay=0.1)
+
+
+def test_recommended_preset_is_stac_with_a_quarter_lr_bf16_trunk():
+    model, twin = mlp(), mlp()
+    preset = STAC.recommended(model, lr=2e-3)
+    explicit = STAC(twin, lr=2e-3, sign_lr=0.25 * 2e-3, sign_state_dtype=torch.bfloat16)
+    assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 5e-4), ("adamw", 2e-3)]
+    for step in range(3):
+        set_grads(model, seed=step)
+        set_grads(twin, seed=step)
+        preset.step()
+        explicit.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert preset.state[model[0].weight]["momentum_buffer"].dtype == torch.bfloat16
+    overridden = STAC.recommended(mlp(), lr=1e-3, sign_state_dtype=None, sign_lr=1e-4)
+    assert overridden.sign_state_dtype is None and overridden.param_groups[0]["lr"] == 1e-4
 
 
 @pytest.mark.parametrize("kwargs, message", [

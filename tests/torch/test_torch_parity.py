@@ -11,6 +11,7 @@ from stam_optimizer.torch import STAM, STAMLite
 OPTIMIZERS_UNDER_TEST = {
     "stac": lambda model, **kw: STAC(model, **{"lr": 1e-2, **kw}),
     "stac_bf16_state": lambda model, **kw: STAC(model, **{"lr": 1e-2, "sign_state_dtype": torch.bfloat16, **kw}),
+    "stac_snr_scaled": lambda model, **kw: STAC(model, **{"lr": 1e-2, "sign_step_scale": "snr", **kw}),
     "stam": lambda model, **kw: STAM(model.parameters(), **{"lr": 1e-2, **kw}),
     "stam_lite": lambda model, **kw: STAMLite(model.parameters(), **{"lr": 1e-2, "beta1_update_interval": 2, **kw}),
     "stam_lite_bf16_state": lambda model, **kw: STAMLite(
@@ -157,7 +158,8 @@ def compile_every_tensor(monkeypatch):
 
     monkeypatch.setattr(TensorKernel, "compiled_min_numel", 0)
     compiled_calls = []
-    for kernel in (stac._sign_kernel, stac._plain_sign_kernel, stam._stam_kernel, stam_lite._stam_lite_kernel):
+    for kernel in (stac._sign_kernel, stac._plain_sign_kernel, stac._snr_scaled_sign_kernel, stam._stam_kernel,
+                   stam_lite._stam_lite_kernel):
         def counting(*args, compiled=kernel.compiled, **kwargs):
             compiled_calls.append(1)
             return compiled(*args, **kwargs)

@@ -1,0 +1,10 @@
+"""How STAC splits its public learning rate between the roles; the same in PyTorch and JAX (no framework import).
+
+When the model has both a trunk and a cap, the cap steps at ``lr`` and the sign
+trunk at ``SIGN_LR_SCALE * lr`` (the seeds' rule); with no cap the trunk steps
+at ``lr``. ``STAC.recommended`` / ``stac_recommended`` use
+``RECOMMENDED_SIGN_LR_SCALE`` instead, the benchmark ablation's best (issue 6).
+"""
+
+SIGN_LR_SCALE = 0.75
+RECOMMENDED_SIGN_LR_SCALE = 0.25
