@@ -6,13 +6,14 @@
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from stac_optimizer.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
-from stam_optimizer.jax._common import check_range, skip_nonfinite
+from stam_optimizer.jax._common import check_range, scalar_dtype, skip_nonfinite
 
 ROOT_LAYER_NAME = "<root>"
 # A layer whose own name matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f, norm1).
@@ -111,15 +112,64 @@ def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_pa
     return PytreePartition(tuple(sign_names), tuple(adamw_names), label_by_path)
 
 
-def sign_momentum_trunk(learning_rate, sign_momentum, weight_decay, sign_state_dtype):
-    """``p <- p (1 - lr wd) - lr sign(m)``, ``m = beta m + (1 - beta) g`` (no ``m`` when beta = 0)."""
-    momentum = [] if sign_momentum == 0 else [
-        optax.ema(sign_momentum, debias=False, accumulator_dtype=sign_state_dtype)]
-    return optax.chain(*momentum, optax.scale_by_sign(), optax.add_decayed_weights(weight_decay),
-                       optax.scale_by_learning_rate(learning_rate))
+class SNRSignState(NamedTuple):
+    """State of ``scale_by_snr_sign``."""
+
+    count: jax.Array  # int32, steps taken
+    momentum: optax.Updates  # m, stored in sign_state_dtype
+    grad_sq_mean: optax.Updates  # per tensor (0-d): v, EMA of mean(g^2)
 
 
-def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_dtype=None, b1=0.9, b2=0.999,
+def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
+    """``s * sign(m)`` per tensor, ``s = mean|m_hat| / (sqrt(v_hat) + eps)`` (STAC's ``sign_step_scale="snr"``).
+
+    ``m <- beta m + (1 - beta) g`` and ``v <- b2 v + (1 - b2) mean(g^2)``, both
+    bias-corrected in ``s``; see ``stac_optimizer.stac.sign_update`` for why.
+    """
+
+    def init(params):
+        return SNRSignState(
+            count=jnp.zeros([], jnp.int32),
+            momentum=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=sign_state_dtype or p.dtype), params),
+            grad_sq_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+
+        def leaf(grad, momentum, grad_sq_mean):
+            dtype = grad_sq_mean.dtype
+            g = grad.astype(dtype)
+            momentum = sign_momentum * momentum.astype(dtype) + (1 - sign_momentum) * g
+            grad_sq_mean = b2 * grad_sq_mean + (1 - b2) * jnp.mean(jnp.square(g))
+            t = count.astype(dtype)
+            scale = jnp.mean(jnp.abs(momentum)) / (1 - sign_momentum ** t) / (
+                jnp.sqrt(grad_sq_mean / (1 - b2 ** t)) + eps)
+            return (scale * jnp.sign(momentum)).astype(grad.dtype), momentum, grad_sq_mean
+
+        per_leaf = jax.tree.map(leaf, updates, state.momentum, state.grad_sq_mean)
+        direction, momentum, grad_sq_mean = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(3))
+        momentum = jax.tree.map(lambda new, old: new.astype(old.dtype), momentum, state.momentum)
+        return direction, SNRSignState(count, momentum, grad_sq_mean)
+
+    return optax.GradientTransformation(init, update)
+
+
+def sign_momentum_trunk(learning_rate, sign_momentum, weight_decay, sign_state_dtype, sign_step_scale=None,
+                        b2=0.999, eps=1e-8):
+    """``p <- p (1 - lr wd) - lr s sign(m)``, ``m = beta m + (1 - beta) g`` (no ``m`` when beta = 0); s = 1, or
+    the "snr" scale of ``scale_by_snr_sign``."""
+    if sign_step_scale == "snr":
+        direction = [scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype)]
+    else:
+        momentum = [] if sign_momentum == 0 else [
+            optax.ema(sign_momentum, debias=False, accumulator_dtype=sign_state_dtype)]
+        direction = [*momentum, optax.scale_by_sign()]
+    return optax.chain(*direction, optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate))
+
+
+def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_scale=None, sign_state_dtype=None,
+         b1=0.9, b2=0.999,
          betas=None, eps=1e-8, weight_decay=1e-2, sign_weight_decay=None, adamw_weight_decay=None,
          sign_learning_rate=None, adamw_norm_layers=False, adamw_params=None, partition=None):
     r"""STAC as an ``optax.GradientTransformation``: a sign-momentum trunk and an ``optax.adamw`` cap.
@@ -127,10 +177,11 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_d
     The same algorithm, defaults and learning-rate split as ``stac_optimizer.STAC``
     (PyTorch), in optax spelling (``learning_rate``, ``b1``/``b2`` or ``betas``)::
 
-        trunk:  p <- p (1 - lr_s wd_s);  m <- beta m + (1 - beta) g;  p <- p - lr_s sign(m)
+        trunk:  p <- p (1 - lr_s wd_s);  m <- beta m + (1 - beta) g;  p <- p - lr_s s sign(m)
         cap:    optax.adamw(lr, b1, b2, eps, wd_a)     (equal to torch.optim.AdamW)
 
-    with ``lr_s = 0.75 * learning_rate`` when there is a cap and
+    with s = 1, or the per-tensor "snr" scale with ``sign_step_scale="snr"``
+    (see ``scale_by_snr_sign``), ``lr_s = 0.75 * learning_rate`` when there is a cap and
     ``learning_rate`` when every layer is in the trunk, unless
     ``sign_learning_rate`` gives it (either may be a schedule). The partition comes from ``stac_partition`` on the params
     given to ``init`` (call ``init`` eagerly on your model's own tree), or from
@@ -157,6 +208,10 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_d
         if value is not None and not callable(value):
             check_range(name, value, 0.0)
     check_range("sign_momentum", sign_momentum, 0.0, 1.0, high_open=True)
+    if sign_step_scale not in (None, "snr"):
+        raise ValueError(f"sign_step_scale must be None or 'snr', got {sign_step_scale!r}")
+    if sign_step_scale == "snr" and sign_momentum == 0:
+        raise ValueError("sign_step_scale='snr' scales by the momentum's size; it needs sign_momentum > 0")
     check_range("b1", b1, 0.0, 1.0, high_open=True)
     check_range("b2", b2, 0.0, 1.0, high_open=True)
     check_range("eps", eps, 0.0)
@@ -184,7 +239,8 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_state_d
         return scale * (learning_rate(count) if callable(learning_rate) else learning_rate)
 
     trunk = sign_momentum_trunk(trunk_learning_rate, sign_momentum,
-                                weight_decay if sign_weight_decay is None else sign_weight_decay, sign_state_dtype)
+                                weight_decay if sign_weight_decay is None else sign_weight_decay, sign_state_dtype,
+                                sign_step_scale, b2, eps)
     cap = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                       weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay)
     return skip_nonfinite(optax.partition({"sign": trunk, "adamw": cap}, lambda tree: resolve(tree).labels(tree)))
@@ -205,4 +261,5 @@ def stac_recommended(learning_rate=3e-3, **overrides):
     return stac(learning_rate, **options)
 
 
-__all__ = ["stac", "stac_recommended", "stac_partition", "PytreePartition", "sign_momentum_trunk"]
+__all__ = ["stac", "stac_recommended", "stac_partition", "PytreePartition", "sign_momentum_trunk",
+           "scale_by_snr_sign"]

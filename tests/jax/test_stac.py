@@ -132,6 +132,26 @@ def test_flax_model_partitions_in_definition_order_and_trains():
     assert len(traces) == 1
 
 
+def test_snr_scaled_trunk_matches_the_float64_reference():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        params = {"a": {"w": jnp.asarray(rng.standard_normal((3, 4)))}, "b": {"w": jnp.asarray(rng.standard_normal(4))}}
+        optimizer = stac(1e-2, sign_step_scale="snr", sign_momentum=0.8, b2=0.99, eps=1e-6, weight_decay=0.1)
+        state = optimizer.init(params)
+        ref, ref_states = {k: np.asarray(v["w"]) for k, v in params.items()}, {"a": {}, "b": {}}
+        for _ in range(5):
+            grads = {k: {"w": jnp.asarray(rng.standard_normal(v["w"].shape))} for k, v in params.items()}
+            updates, state = optimizer.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            ref["a"] = reference.sign_step(ref["a"], np.asarray(grads["a"]["w"]), ref_states["a"], lr=0.75e-2,
+                                           sign_momentum=0.8, sign_step_scale="snr", b2=0.99, eps=1e-6,
+                                           weight_decay=0.1)
+            ref["b"] = reference.adamw_step(ref["b"], np.asarray(grads["b"]["w"]), ref_states["b"], lr=1e-2,
+                                            betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+            for key in ref:
+                np.testing.assert_allclose(params[key]["w"], ref[key], rtol=1e-12, atol=1e-12)
+
+
 def test_plain_sign_trunk_keeps_no_momentum_and_sign_state_dtype_is_kept():
     params = {"a": {"w": jnp.ones((4, 4))}, "b": {"w": jnp.ones(4)}}
     plain = stac(1e-2, sign_momentum=0.0).init(params)
@@ -181,6 +201,8 @@ def test_recommended_preset_steps_the_trunk_at_a_quarter_lr_with_bf16_momentum(l
     (dict(betas=(0.9, 0.99), b1=0.8), r"give betas or b1/b2, not both"),
     (dict(adamw_weight_decay=-1.0), r"adamw_weight_decay must be in \[0.0, inf\)"),
     (dict(sign_learning_rate=-1e-3), r"sign_learning_rate must be in \[0.0, inf\)"),
+    (dict(sign_step_scale="rms"), r"sign_step_scale must be None or 'snr', got 'rms'"),
+    (dict(sign_step_scale="snr", sign_momentum=0.0), r"needs sign_momentum > 0"),
 ])
 def test_bad_input_names_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -176,6 +176,9 @@ def test_recommended_preset_is_stac_with_a_quarter_lr_bf16_trunk():
     (dict(sign_state_dtype=torch.int8), r"sign_state_dtype must be a floating torch dtype"),
     (dict(sign_state_dtype="bfloat17"), r"sign_state_dtype must be a floating torch dtype"),
     (dict(last_n_layers=1.5), r"last_n_layers must be an integer >= 0"),
+    (dict(sign_interpolation=1.0), r"sign_interpolation must be in \[0.0, 1.0\), got 1.0"),
+    (dict(sign_step_scale="rms"), r"sign_step_scale must be None or 'snr', got 'rms'"),
+    (dict(sign_step_scale="snr", sign_momentum=0.0), r"needs sign_momentum > 0"),
 ])
 def test_bad_hyperparameters_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
