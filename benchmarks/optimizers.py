@@ -23,6 +23,7 @@ def _torch_registry():
         "STAC plain sign": (lambda m, lr: STAC(m, lr=lr, sign_momentum=0.0), GRID_ADAM_LIKE),
         "STAC bf16 state": (lambda m, lr: STAC(m, lr=lr, sign_state_dtype=torch.bfloat16), GRID_ADAM_LIKE),
         "STAC last 2": (lambda m, lr: STAC(m, lr=lr, last_n_layers=2), GRID_ADAM_LIKE),
+        "STAC recommended": (lambda m, lr: STAC.recommended(m, lr=lr), GRID_ADAM_LIKE),
         "STAM": (lambda m, lr: STAM(m.parameters(), lr=lr), GRID_ADAM_LIKE),
         "STAMLite": (lambda m, lr: STAMLite(m.parameters(), lr=lr), GRID_ADAM_LIKE),
         "AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), GRID_ADAM_LIKE),
@@ -34,13 +35,14 @@ def _torch_registry():
 def _jax_registry():
     import optax
 
-    from stac_optimizer.optax import stac
+    from stac_optimizer.optax import stac, stac_recommended
     from stam_optimizer import stam, stam_lite
 
     return {
         "STAM": (lambda lr: stam(lr), GRID_ADAM_LIKE),
         "STAMLite": (lambda lr: stam_lite(lr), GRID_ADAM_LIKE),
         "STAC": (lambda lr: stac(lr), GRID_ADAM_LIKE),
+        "STAC recommended": (lambda lr: stac_recommended(lr), GRID_ADAM_LIKE),
         "adamw": (lambda lr: optax.adamw(lr, weight_decay=0.01), GRID_ADAM_LIKE),
         "lion": (lambda lr: optax.lion(lr, weight_decay=0.01), (3e-5, 1e-4, 3e-4)),
         "sgd momentum": (lambda lr: optax.sgd(lr, momentum=0.9), (1e-2, 3e-2, 1e-1)),
@@ -88,9 +90,10 @@ def _ablation_registry():
         "+ bf16 momentum": stac(bf16=True),
         "+ last 2 layers in cap": stac(last_n_layers=2),
         "+ SNR-scaled sign step": stac(snr=True),
-        "+ SNR-scaled sign step, bf16": stac(snr=True, bf16=True),
-        "all but Lion": stac(trunk_lr_scale=0.25, norms_and_embeddings=True, bf16=True),
-        "all": stac(trunk_lr_scale=0.25, norms_and_embeddings=True, lion=True, bf16=True),
+        # The SNR scale is ~0.1-0.5 on noisy layers: a larger trunk rate gives back the size, keeps the adaptivity.
+        "+ SNR-scaled, trunk lr 3": stac(snr=True, trunk_lr_scale=3.0),
+        "combined: SNR, trunk lr 3, bf16, norms": stac(snr=True, trunk_lr_scale=3.0, bf16=True,
+                                                       norms_and_embeddings=True),
         "AdamW": (_torch_registry()["AdamW"][0], GRID_ABLATION),
     }
 

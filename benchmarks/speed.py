@@ -15,7 +15,8 @@ warm-up, with glibc told to map every allocation of 128 KiB or more afresh
 (``mallopt``), so a temporary cannot hide in memory freed earlier.
 
 Bytes each update must move, per parameter (fp32): AdamW 28 (read p, g, m, v;
-write p, m, v); STAC trunk 20 (16 with bf16 momentum, 12 plain sign), its cap 28;
+write p, m, v); STAC trunk 20 (16 with bf16 momentum, 12 plain sign; the "snr"
+step scale adds a statistics pass reading g and m: 8, 6 with bf16), its cap 28;
 STAM 36 (AdamW's 28 plus the statistics pass reading g and m); STAMLite 24;
 Lion and SGD with momentum 20.
 """
@@ -60,6 +61,7 @@ def _torch_optimizers():
         "STAC": lambda m: STAC(m, lr=1e-3),
         "STAC bf16 state": lambda m: STAC(m, lr=1e-3, sign_state_dtype=torch.bfloat16),
         "STAC plain sign": lambda m: STAC(m, lr=1e-3, sign_momentum=0.0),
+        "STAC recommended": lambda m: STAC.recommended(m, lr=1e-3),
         "STAM": lambda m: STAM(m.parameters(), lr=1e-3),
         "STAMLite": lambda m: STAMLite(m.parameters(), lr=1e-3),
         "Lion": lambda m: Lion(m.parameters(), lr=1e-4),
@@ -76,7 +78,10 @@ def _stac_bytes(optimizer):
         elif group["sign_momentum"] == 0.0:
             total += 12 * n
         else:
-            total += (16 if optimizer.sign_state_dtype is not None else 20) * n
+            low_precision = optimizer.sign_state_dtype is not None
+            total += (16 if low_precision else 20) * n
+            if group["sign_step_scale"] == "snr":  # a statistics pass reading g and m first
+                total += (6 if low_precision else 8) * n
     return total
 
 
@@ -176,12 +181,13 @@ def run_torch(shapes, rounds, progress, track_transient):
 def _jax_optimizers():
     import optax
 
-    from stac_optimizer.optax import stac
+    from stac_optimizer.optax import stac, stac_recommended
     from stam_optimizer import stam, stam_lite
 
     return {
         "optax.adamw": lambda: optax.adamw(1e-3, weight_decay=0.01),
         "STAM": lambda: stam(1e-3), "STAMLite": lambda: stam_lite(1e-3), "STAC": lambda: stac(1e-3),
+        "STAC recommended": lambda: stac_recommended(1e-3),
         "optax.lion": lambda: optax.lion(1e-4), "sgd momentum": lambda: optax.sgd(1e-2, momentum=0.9),
         "rmsprop": lambda: optax.rmsprop(1e-3), "adagrad": lambda: optax.adagrad(1e-2),
         "nadam": lambda: optax.nadam(1e-3), "lamb": lambda: optax.lamb(1e-3),
