@@ -5,8 +5,9 @@ protocol, then the speed/memory microbenchmark, and writes ``report.json``,
 ``summary.md`` and PNG plots into ``--out``.
 
 Protocol, identical for every optimizer: a learning-rate sweep over the
-optimizer's own grid of 3 rates (the same budget for all) on seed 0, scored
-by final validation loss; then ``--seeds`` seeds at the best rate. Within a
+optimizer's own grid of 3 rates on seed 0, scored by final validation loss and
+extended by one rate past an edge that wins (at most twice), so the best rate
+is never the grid's limit; then ``--seeds`` seeds at the best rate. Within a
 seed, every optimizer sees the same initialization, data order and batch
 schedule. Reported: mean and range of final validation loss (and accuracy
 where it applies), the mean validation curve, optimizer-state bytes and the
@@ -38,11 +39,27 @@ def progress_bar(iterable, total, description):
     return tqdm(iterable, total=total, desc=description, disable=not sys.stderr.isatty(), leave=False)
 
 
+# Every sweep grid lies on this ladder; a sweep whose best rate is at an edge of its grid goes one rung further.
+LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+MAX_EXTENSIONS = 2
+
+
 def run_protocol(train_one, grid, seeds, quick):
-    """Sweep the grid on seed 0, then run the other seeds at the best rate."""
-    grid = grid[1:2] if quick else grid
-    sweep = {lr: train_one(lr, 0) for lr in grid}
+    """Sweep the grid on seed 0 (extending it past an edge that wins), then run the other seeds at the best rate."""
+    grid = list(grid[1:2] if quick else grid)
     score = lambda run: run["val_loss"] if run["val_loss"] is not None else float("inf")  # noqa: E731
+    sweep = {lr: train_one(lr, 0) for lr in grid}
+    for _ in range(0 if quick else MAX_EXTENSIONS):
+        best_lr = min(grid, key=lambda lr: score(sweep[lr]))
+        rung = LR_LADDER.index(best_lr)
+        if best_lr == grid[0] and rung > 0:
+            grid.insert(0, LR_LADDER[rung - 1])
+            sweep[grid[0]] = train_one(grid[0], 0)
+        elif best_lr == grid[-1] and rung + 1 < len(LR_LADDER):
+            grid.append(LR_LADDER[rung + 1])
+            sweep[grid[-1]] = train_one(grid[-1], 0)
+        else:
+            break
     best_lr = min(grid, key=lambda lr: score(sweep[lr]))
     runs = [sweep[best_lr]] + [train_one(best_lr, seed) for seed in range(1, seeds)]
     losses = [score(run) for run in runs]

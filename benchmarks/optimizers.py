@@ -7,9 +7,6 @@ Weight decay is each optimizer's usual default (0.01 where decoupled, 0 for SGD)
 import torch
 
 GRID_ADAM_LIKE = (3e-4, 1e-3, 3e-3)
-# The ablation's grid, the same for every configuration and AdamW: a smaller trunk learning rate moves the best
-# public lr up, and AdamW's best sat at the top of GRID_ADAM_LIKE on two tasks.
-GRID_ABLATION = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def _torch_registry():
@@ -79,7 +76,7 @@ def _ablation_registry():
             if snr:
                 options["sign_step_scale"] = "snr"
             return STAC(m, lr=lr, **options)
-        return make, GRID_ABLATION
+        return make, GRID_ADAM_LIKE
 
     return {
         "STAC seed defaults": stac(),
@@ -92,9 +89,10 @@ def _ablation_registry():
         "+ SNR-scaled sign step": stac(snr=True),
         # The SNR scale is ~0.1-0.5 on noisy layers: a larger trunk rate gives back the size, keeps the adaptivity.
         "+ SNR-scaled, trunk lr 3": stac(snr=True, trunk_lr_scale=3.0),
-        "combined: SNR, trunk lr 3, bf16, norms": stac(snr=True, trunk_lr_scale=3.0, bf16=True,
+        "STAC recommended: SNR, trunk lr 3, bf16": (lambda m, lr: STAC.recommended(m, lr=lr), GRID_ADAM_LIKE),
+        "recommended + norms, embeddings in cap": stac(snr=True, trunk_lr_scale=3.0, bf16=True,
                                                        norms_and_embeddings=True),
-        "AdamW": (_torch_registry()["AdamW"][0], GRID_ABLATION),
+        "AdamW": _torch_registry()["AdamW"],
     }
 
 

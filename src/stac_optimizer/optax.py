@@ -249,14 +249,15 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
 def stac_recommended(learning_rate=3e-3, **overrides):
     """``stac`` as the benchmark's ablation recommends it, like ``STAC.recommended`` in PyTorch.
 
-    The trunk at ``0.25 * learning_rate`` (a sign step moves every coordinate
-    by the full rate, AdamW's normalized step by a fraction of it) and its
-    momentum in bfloat16; everything else at ``stac``'s defaults, and
-    ``overrides`` go to ``stac`` and win. ``learning_rate`` may be a schedule.
+    SNR-scaled sign steps (``sign_step_scale="snr"``) with the trunk at
+    ``3 * learning_rate``, and the trunk momentum in bfloat16; everything else
+    at ``stac``'s defaults, and ``overrides`` go to ``stac`` and win.
+    ``learning_rate`` may be a schedule.
     """
     scale = RECOMMENDED_SIGN_LR_SCALE
-    options = dict(sign_learning_rate=(lambda count: scale * learning_rate(count)) if callable(learning_rate)
-                   else scale * learning_rate, sign_state_dtype=jnp.bfloat16)
+    options = dict(sign_step_scale="snr", sign_state_dtype=jnp.bfloat16,
+                   sign_learning_rate=(lambda count: scale * learning_rate(count)) if callable(learning_rate)
+                   else scale * learning_rate)
     options.update(overrides)
     return stac(learning_rate, **options)
 

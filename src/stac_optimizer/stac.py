@@ -83,7 +83,7 @@ def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation,
     momentum is updated in float32 and stored back in its dtype. With
     ``fused`` each tensor is one compiled pass reading p, g, m and writing p, m
     (20 bytes per float32 parameter, 16 with a bf16 m, 12 without m; "snr"
-    adds a read pass over m) and allocating nothing; otherwise the same code
+    adds a statistics pass reading g and m) and allocating nothing; otherwise the same code
     runs op by op.
     """
     grad_sign = -1.0 if maximize else 1.0
@@ -150,10 +150,16 @@ class STAC(SkipNonfiniteOptimizer):
         trunk:  p <- p (1 - lr_s wd_s);  m <- beta m + (1 - beta) g;  p <- p - lr_s sign(m)
         cap:    torch.optim.AdamW with (lr_a, betas, eps, wd_a, amsgrad)
 
+    (``sign_update`` has the trunk's two variants: Lion's interpolation and
+    the per-tensor "snr" step scale.)
+
     ============================  ===================================================
     symbol                        argument
     ============================  ===================================================
     beta                          ``sign_momentum`` (0: plain signSGD, no state)
+    sign of alpha m + (1-alpha) g ``sign_interpolation`` alpha (default: the new m)
+    step scale s                  ``sign_step_scale`` (None: 1; "snr": per tensor,
+                                  mean|m_hat| / (sqrt(v_hat) + eps), v with betas[1])
     lr_a                          ``adamw_lr`` (default ``lr``)
     lr_s                          ``sign_lr`` (default ``0.75 * lr`` when there is a
                                   cap, ``lr`` when every layer is in the trunk)
@@ -169,7 +175,7 @@ class STAC(SkipNonfiniteOptimizer):
     Each role is one param group (``group["role"]`` is ``"sign"`` or
     ``"adamw"``) with its own ``lr``, so ``torch.optim.lr_scheduler`` schedulers
     drive both. Optimizer state: the trunk keeps ``momentum_buffer`` per
-    parameter; the cap keeps ``step``, ``exp_avg``, ``exp_avg_sq`` (and
+    parameter (and, with "snr", the 0-d ``grad_sq_mean`` and ``step``); the cap keeps ``step``, ``exp_avg``, ``exp_avg_sq`` (and
     ``max_exp_avg_sq`` with amsgrad), as ``torch.optim.AdamW`` does.
 
     A step whose dense gradients hold a NaN or an Inf changes nothing and is
@@ -274,22 +280,25 @@ class STAC(SkipNonfiniteOptimizer):
 
     @classmethod
     def recommended(cls, model, lr=3e-3, **overrides):
-        r"""STAC as the benchmark's ablation recommends it: a 4x smaller trunk step and bf16 trunk momentum.
+        r"""STAC as the benchmark's ablation recommends it: SNR-scaled sign steps at 3x the rate, bf16 momentum.
 
-        ``STAC(model, lr=lr, sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
+        ``STAC(model, lr=lr, sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
         sign_state_dtype=torch.bfloat16)``, everything else at STAC's defaults;
-        ``overrides`` go to ``STAC`` and win. A sign step moves every
-        coordinate by the full ``lr``, AdamW's normalized step moves most by a
-        fraction of it, so the trunk wants a smaller rate than the cap: at
-        ``0.25 * lr`` (the seeds use ``0.75 * lr``) the best public ``lr`` sits
-        where AdamW's does. The bf16 momentum halves the trunk's state again.
-        The evidence, per task and seed, is in ``docs/benchmark/ablation``.
+        ``overrides`` go to ``STAC`` and win. A plain sign step moves every
+        coordinate by the full rate, where AdamW's normalized step moves noisy
+        coordinates by a fraction of it; the "snr" scale gives each trunk
+        tensor that average size (``mean|m_hat| / rms(g)``, about 0.1-0.5 on
+        noisy layers, 1 on consistent ones), and the 3x trunk rate gives the
+        size back on average while keeping the per-layer differences. The bf16
+        momentum keeps the trunk at a quarter of AdamW's state. The evidence,
+        per task and seed, is in ``docs/benchmark/ablation``.
 
         Example::
 
             optimizer = STAC.recommended(model, lr=3e-3)
         """
-        options = dict(sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr, sign_state_dtype=torch.bfloat16)
+        options = dict(sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
+                       sign_state_dtype=torch.bfloat16)
         options.update(overrides)
         return cls(model, lr=lr, **options)
 

@@ -179,15 +179,17 @@ def test_schedule_drives_both_roles():
 
 
 @pytest.mark.parametrize("learning_rate", [2e-3, optax.constant_schedule(2e-3)], ids=["float", "schedule"])
-def test_recommended_preset_steps_the_trunk_at_a_quarter_lr_with_bf16_momentum(learning_rate):
+def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_the_rate(learning_rate):
     params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
     grads = {"a": {"w": jnp.array([1.0, -2.0, 0.5])}, "b": {"w": jnp.array([1.0, -2.0, 0.5])}}
     optimizer = stac_recommended(learning_rate, weight_decay=0.0)
     state = optimizer.init(params)
     updates, state = jax.jit(optimizer.update)(grads, state, params)
-    direction = np.sign(np.asarray(grads["a"]["w"]))
-    np.testing.assert_allclose(updates["a"]["w"], -0.25 * 2e-3 * direction, rtol=1e-6)  # the sign trunk
-    np.testing.assert_allclose(updates["b"]["w"], -2e-3 * direction, rtol=1e-4)  # AdamW's first step ~ lr sign(g)
+    # First step: m_hat = g, so the snr scale is mean|g| / rms(g); the trunk steps at 3 lr.
+    g = np.asarray(grads["a"]["w"])
+    scale = np.mean(np.abs(g)) / (np.sqrt(np.mean(g * g)) + 1e-8)
+    np.testing.assert_allclose(updates["a"]["w"], -3 * 2e-3 * scale * np.sign(g), rtol=1e-5)
+    np.testing.assert_allclose(updates["b"]["w"], -2e-3 * np.sign(g), rtol=1e-4)  # AdamW's first step ~ lr sign(g)
     assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state))
     assert not any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(
         stac_recommended(learning_rate, sign_state_dtype=None).init(params)))

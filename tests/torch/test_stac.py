@@ -147,11 +147,11 @@ def test_learning_rates_of_each_role_and_seed_000_aliases():
         STAC(mlp(), adamw_weight_decay=0.0, cap_weight_decay=0.1)
 
 
-def test_recommended_preset_is_stac_with_a_quarter_lr_bf16_trunk():
+def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_the_rate():
     model, twin = mlp(), mlp()
     preset = STAC.recommended(model, lr=2e-3)
-    explicit = STAC(twin, lr=2e-3, sign_lr=0.25 * 2e-3, sign_state_dtype=torch.bfloat16)
-    assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 5e-4), ("adamw", 2e-3)]
+    explicit = STAC(twin, lr=2e-3, sign_step_scale="snr", sign_lr=3 * 2e-3, sign_state_dtype=torch.bfloat16)
+    assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 6e-3), ("adamw", 2e-3)]
     for step in range(3):
         set_grads(model, seed=step)
         set_grads(twin, seed=step)
