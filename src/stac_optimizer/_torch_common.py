@@ -39,10 +39,10 @@ class TensorKernel:
     temporaries, and one kernel serves every tensor size: the elementwise
     tensors are passed as flat views, and the hyperparameters come as 0-d
     tensors, so a learning-rate schedule never recompiles. Eagerly (also for
-    non-contiguous tensors), the same code runs op by op. Where ``torch.compile`` cannot build the kernel
-    for a device (no C++ compiler, no Triton) that device runs eagerly, after
-    one warning; inside a ``torch.compile``d training step the eager code is
-    what gets traced.
+    non-contiguous tensors), the same code runs op by op. Where
+    ``torch.compile`` cannot build the kernel for a device (no C++ compiler, no
+    Triton) that device runs eagerly, after one warning; inside a
+    ``torch.compile``d training step the eager code is what gets traced.
 
     Tensors below ``compiled_min_numel`` elements also run eagerly: calling a
     compiled kernel costs about 30 us, op by op a small tensor costs about 10

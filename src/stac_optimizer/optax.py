@@ -181,10 +181,10 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
         cap:    optax.adamw(lr, b1, b2, eps, wd_a)     (equal to torch.optim.AdamW)
 
     with s = 1, or the per-tensor "snr" scale with ``sign_step_scale="snr"``
-    (see ``scale_by_snr_sign``), ``lr_s = 0.75 * learning_rate`` when there is a cap and
-    ``learning_rate`` when every layer is in the trunk, unless
-    ``sign_learning_rate`` gives it (either may be a schedule). The partition comes from ``stac_partition`` on the params
-    given to ``init`` (call ``init`` eagerly on your model's own tree), or from
+    (see ``scale_by_snr_sign``); ``lr_s = 0.75 * learning_rate`` when there is
+    a cap and ``learning_rate`` when every layer is in the trunk, unless
+    ``sign_learning_rate`` gives it (either may be a schedule). The partition
+    comes from ``stac_partition`` on the params given to ``init`` (call ``init`` eagerly on your model's own tree), or from
     ``partition=stac_partition(params, ...)`` given explicitly — print
     ``partition.sign_layer_names`` / ``adamw_layer_names`` to check it before the
     first step. A step whose gradients hold NaN/Inf changes nothing and is

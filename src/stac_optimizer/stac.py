@@ -175,8 +175,9 @@ class STAC(SkipNonfiniteOptimizer):
     Each role is one param group (``group["role"]`` is ``"sign"`` or
     ``"adamw"``) with its own ``lr``, so ``torch.optim.lr_scheduler`` schedulers
     drive both. Optimizer state: the trunk keeps ``momentum_buffer`` per
-    parameter (and, with "snr", the 0-d ``grad_sq_mean`` and ``step``); the cap keeps ``step``, ``exp_avg``, ``exp_avg_sq`` (and
-    ``max_exp_avg_sq`` with amsgrad), as ``torch.optim.AdamW`` does.
+    parameter (and, with "snr", the 0-d ``grad_sq_mean`` and ``step``); the
+    cap keeps ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``
+    with amsgrad), as ``torch.optim.AdamW`` does.
 
     A step whose dense gradients hold a NaN or an Inf changes nothing and is
     counted in ``nonfinite_skipped_steps``; with ``error_if_nonfinite=True`` it
