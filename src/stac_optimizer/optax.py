@@ -169,8 +169,7 @@ def sign_momentum_trunk(learning_rate, sign_momentum, weight_decay, sign_state_d
 
 
 def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_scale=None, sign_state_dtype=None,
-         b1=0.9, b2=0.999,
-         betas=None, eps=1e-8, weight_decay=1e-2, sign_weight_decay=None, adamw_weight_decay=None,
+         b1=0.9, b2=0.999, betas=None, eps=1e-8, weight_decay=1e-2, sign_weight_decay=None, adamw_weight_decay=None,
          sign_learning_rate=None, adamw_norm_layers=False, adamw_params=None, partition=None):
     r"""STAC as an ``optax.GradientTransformation``: a sign-momentum trunk and an ``optax.adamw`` cap.
 
@@ -184,7 +183,8 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     (see ``scale_by_snr_sign``); ``lr_s = 0.75 * learning_rate`` when there is
     a cap and ``learning_rate`` when every layer is in the trunk, unless
     ``sign_learning_rate`` gives it (either may be a schedule). The partition
-    comes from ``stac_partition`` on the params given to ``init`` (call ``init`` eagerly on your model's own tree), or from
+    comes from ``stac_partition`` on the params given to ``init`` (call
+    ``init`` eagerly on your model's own tree), or from
     ``partition=stac_partition(params, ...)`` given explicitly — print
     ``partition.sign_layer_names`` / ``adamw_layer_names`` to check it before the
     first step. A step whose gradients hold NaN/Inf changes nothing and is
