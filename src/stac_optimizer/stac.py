@@ -34,20 +34,18 @@ def _sign_tensor_step(param, grad, momentum, *, lr, decay, sign_momentum, grad_w
     param.mul_(decay).sub_(lr * torch.sign(direction))
 
 
-def _snr_scaled_sign_tensor_step(param, grad, momentum, *, grad_sq_mean, step, lr, decay, sign_momentum,
-                                 grad_weight, interpolation, interpolation_grad_weight, log_sign_momentum, b2,
-                                 one_minus_b2, log_b2, eps):
+def _snr_scaled_lr(momentum, grad, *, grad_sq_mean, step, lr, sign_momentum, grad_weight, log_sign_momentum, b2,
+                   one_minus_b2, log_b2, eps):
+    # A kernel of its own: inside the update's loop, Inductor would evaluate this scalar once per vector (2x the time).
     dtype = sign_momentum.dtype
-    old_momentum, grad = momentum.to(dtype), grad.to(dtype)
-    direction = old_momentum * interpolation + grad * interpolation_grad_weight
-    new_momentum = old_momentum * sign_momentum + grad * grad_weight
-    momentum.copy_(new_momentum)
+    grad = grad.to(dtype)
+    new_momentum = momentum.to(dtype) * sign_momentum + grad * grad_weight
     step.add_(1)
     grad_sq_mean.copy_(b2 * grad_sq_mean + one_minus_b2 * grad.square().mean())
     # -expm1(t log x) = 1 - x^t, the bias corrections of m and of mean(g^2)
     momentum_size = new_momentum.abs().mean() / -torch.expm1(step * log_sign_momentum)
     rms = (grad_sq_mean / -torch.expm1(step * log_b2)).sqrt() + eps
-    param.mul_(decay).sub_((lr * momentum_size / rms) * torch.sign(direction))
+    return lr * momentum_size / rms
 
 
 def _plain_sign_tensor_step(param, grad, *, lr, decay):
@@ -56,7 +54,7 @@ def _plain_sign_tensor_step(param, grad, *, lr, decay):
 
 _sign_kernel = TensorKernel(_sign_tensor_step)
 _plain_sign_kernel = TensorKernel(_plain_sign_tensor_step)
-_snr_scaled_sign_kernel = TensorKernel(_snr_scaled_sign_tensor_step)
+_snr_scaled_lr_kernel = TensorKernel(_snr_scaled_lr)
 
 
 def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation, sign_step_scale, b2, eps,
@@ -83,7 +81,7 @@ def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation,
     momentum is updated in float32 and stored back in its dtype. With
     ``fused`` each tensor is one compiled pass reading p, g, m and writing p, m
     (20 bytes per float32 parameter, 16 with a bf16 m, 12 without m; "snr"
-    adds a statistics pass reading g and m) and allocating nothing; otherwise the same code
+    adds a statistics kernel reading g and m first) and allocating nothing; otherwise the same code
     runs op by op.
     """
     grad_sign = -1.0 if maximize else 1.0
@@ -97,19 +95,24 @@ def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation,
                       interpolation=sign_interpolation,
                       interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation))
         kernel = _sign_kernel
-        if sign_step_scale == "snr":
-            # Complements and logarithms are taken in Python's float64, where they are exact enough.
-            kernel = _snr_scaled_sign_kernel
-            values.update(log_sign_momentum=math.log(sign_momentum), b2=b2, one_minus_b2=1.0 - b2,
+    snr_values = {}
+    if sign_step_scale == "snr":
+        # Complements and logarithms are taken in Python's float64, where they are exact enough.
+        snr_values = dict(lr=lr, sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum),
+                          log_sign_momentum=math.log(sign_momentum), b2=b2, one_minus_b2=1.0 - b2,
                           log_b2=math.log(b2), eps=eps)
     scalars_by_kind = {}
     for param, grad, state in zip(params, grads, states):
         kind = (param.device, torch.promote_types(param.dtype, torch.float32))
         if kind not in scalars_by_kind:
-            scalars_by_kind[kind] = scalar_tensors(*kind, **values)
+            scalars_by_kind[kind] = (scalar_tensors(*kind, **values), scalar_tensors(*kind, **snr_values))
+        scalars, snr_scalars = scalars_by_kind[kind]
         momentum = (state["momentum_buffer"],) if "momentum_buffer" in state else ()
-        statistics = {key: state[key] for key in ("grad_sq_mean", "step") if key in state}
-        kernel(fused, param, grad, *momentum, **statistics, **scalars_by_kind[kind])
+        if snr_scalars:  # first the tensor's statistics and its scaled rate, then the sign step at that rate
+            scaled_lr = _snr_scaled_lr_kernel(fused, state["momentum_buffer"], grad, grad_sq_mean=state["grad_sq_mean"],
+                                              step=state["step"], **snr_scalars)
+            scalars = dict(scalars, lr=scaled_lr)
+        kernel(fused, param, grad, *momentum, **scalars)
 
 
 def _resolve_alias(given, current_name, current_value):

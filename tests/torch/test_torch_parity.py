@@ -158,7 +158,7 @@ def compile_every_tensor(monkeypatch):
 
     monkeypatch.setattr(TensorKernel, "compiled_min_numel", 0)
     compiled_calls = []
-    for kernel in (stac._sign_kernel, stac._plain_sign_kernel, stac._snr_scaled_sign_kernel, stam._stam_kernel,
+    for kernel in (stac._sign_kernel, stac._plain_sign_kernel, stac._snr_scaled_lr_kernel, stam._stam_kernel,
                    stam_lite._stam_lite_kernel):
         def counting(*args, compiled=kernel.compiled, **kwargs):
             compiled_calls.append(1)
