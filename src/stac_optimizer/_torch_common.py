@@ -34,7 +34,8 @@ def all_finite(tensors):
 class TensorKernel:
     """A one-tensor update, run compiled (``fused=True``) or op by op (``fused=False``).
 
-    ``kernel(*elementwise, **scalars)`` updates its tensors in place. Compiled
+    ``kernel(*elementwise, **scalars)`` updates its tensors in place (and may
+    return a per-tensor number, as STAC's "snr" rate does). Compiled
     by ``torch.compile`` with dynamic shapes, it is one pass over memory with no
     temporaries, and one kernel serves every tensor size: the elementwise
     tensors are passed as flat views, and the hyperparameters come as 0-d

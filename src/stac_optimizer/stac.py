@@ -81,8 +81,8 @@ def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation,
     momentum is updated in float32 and stored back in its dtype. With
     ``fused`` each tensor is one compiled pass reading p, g, m and writing p, m
     (20 bytes per float32 parameter, 16 with a bf16 m, 12 without m; "snr"
-    adds a statistics kernel reading g and m first) and allocating nothing; otherwise the same code
-    runs op by op.
+    adds a statistics kernel reading g and m first) and allocating nothing;
+    otherwise the same code runs op by op.
     """
     grad_sign = -1.0 if maximize else 1.0
     values = dict(lr=lr, decay=1.0 - lr * weight_decay)
