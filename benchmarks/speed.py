@@ -250,12 +250,11 @@ def run_jax(shapes, rounds, progress, track_transient):
                 entry["carry"] = entry["compiled"](*entry["carry"], entry["grads"])
                 jax.block_until_ready(entry["carry"])
                 entry["times"].append(time.perf_counter() - start)
-        for entry in entries.values():
-            if track_transient:
-                def run_step(entry=entry):
-                    entry["carry"] = entry["compiled"](*entry["carry"], entry["grads"])
-                    jax.block_until_ready(entry["carry"])
-                entry["transient_bytes"] = transient_bytes(run_step)
+        for entry in entries.values() if track_transient else ():
+            def run_step(entry=entry):
+                entry["carry"] = entry["compiled"](*entry["carry"], entry["grads"])
+                jax.block_until_ready(entry["carry"])
+            entry["transient_bytes"] = transient_bytes(run_step)
         yardstick = entries["optax.adamw"]
         shape_results = {}
         for name, entry in entries.items():

@@ -77,9 +77,18 @@ class TensorKernel:
             return self.kernel(*elementwise, **scalars)
 
 
-def scalar_tensors(device, dtype=torch.float32, **values):
-    """Hyperparameters as 0-d tensors on ``device``, the form TensorKernel wants."""
-    return {name: torch.tensor(value, dtype=dtype, device=device) for name, value in values.items()}
+def scalar_tensors(**values):
+    """Hyperparameters as 0-d tensors, the form TensorKernel wants: ``scalars(device, dtype)`` gives the dict,
+    built once per device and dtype (a step over tensors of several kinds makes each dict once)."""
+    built = {}
+
+    def scalars(device, dtype):
+        if (device, dtype) not in built:
+            built[device, dtype] = {name: torch.tensor(value, dtype=dtype, device=device)
+                                    for name, value in values.items()}
+        return built[device, dtype]
+
+    return scalars
 
 
 class SkipNonfiniteOptimizer(torch.optim.Optimizer):

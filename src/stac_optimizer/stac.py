@@ -101,12 +101,10 @@ def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation,
         snr_values = dict(lr=lr, sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum),
                           log_sign_momentum=math.log(sign_momentum), b2=b2, one_minus_b2=1.0 - b2,
                           log_b2=math.log(b2), eps=eps)
-    scalars_by_kind = {}
+    step_scalars, snr_step_scalars = scalar_tensors(**values), scalar_tensors(**snr_values)
     for param, grad, state in zip(params, grads, states):
         kind = (param.device, torch.promote_types(param.dtype, torch.float32))
-        if kind not in scalars_by_kind:
-            scalars_by_kind[kind] = (scalar_tensors(*kind, **values), scalar_tensors(*kind, **snr_values))
-        scalars, snr_scalars = scalars_by_kind[kind]
+        scalars, snr_scalars = step_scalars(*kind), snr_step_scalars(*kind)
         momentum = (state["momentum_buffer"],) if "momentum_buffer" in state else ()
         if snr_scalars:  # first the tensor's statistics and its scaled rate, then the sign step at that rate
             scaled_lr = _snr_scaled_lr_kernel(fused, state["momentum_buffer"], grad, grad_sq_mean=state["grad_sq_mean"],

@@ -57,17 +57,14 @@ def stam_update(params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s,
     the statistics, then one pass updating mu, nu and p; otherwise the same
     code runs op by op.
     """
-    kinds = {}
+    # Complements are taken in Python's float64: 1 - b2 in float32 would be off by 1e-5.
+    scalars = scalar_tensors(lr=lr, decay=1 - lr * weight_decay, b1_base=b1_base, b2=b2, one_minus_b2=1 - b2,
+                             log_b2=math.log(b2), adapt_strength=adapt_strength, tau_decay=tau_decay,
+                             one_minus_tau_decay=1 - tau_decay, eps=eps)
     for param, grad, mu, nu, variance, scale, beta1_used, beta1_product, step in zip(
             params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s, beta1_products, steps):
-        kind = (mu.device, mu.dtype)
-        if kind not in kinds:
-            # Complements are taken in Python's float64: 1 - b2 in float32 would be off by 1e-5.
-            kinds[kind] = scalar_tensors(*kind, lr=lr, decay=1 - lr * weight_decay, b1_base=b1_base, b2=b2,
-                                         one_minus_b2=1 - b2, log_b2=math.log(b2), adapt_strength=adapt_strength,
-                                         tau_decay=tau_decay, one_minus_tau_decay=1 - tau_decay, eps=eps)
         _stam_kernel(fused, param, grad, mu, nu, variance=variance, scale=scale, beta1_used=beta1_used,
-                     beta1_product=beta1_product, step=step, **kinds[kind])
+                     beta1_product=beta1_product, step=step, **scalars(mu.device, mu.dtype))
 
 
 class STAM(SkipNonfiniteOptimizer):

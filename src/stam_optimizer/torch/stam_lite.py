@@ -51,19 +51,15 @@ def stam_lite_update(params, grads, exp_avgs, grad_means, grad_sq_means, beta1s,
     the moments, then one pass updating mu and p; otherwise the same code runs
     op by op.
     """
-    kinds = {}
+    # Complements are taken in Python's float64: 1 - 0.99 in float32 would be off by 1e-6.
+    scalars = scalar_tensors(lr=lr, decay=1 - lr * weight_decay, b1_base=b1_base, adapt_strength=adapt_strength,
+                             moment_decay=moment_decay, one_minus_moment_decay=1 - moment_decay,
+                             log_moment_decay=math.log(moment_decay), beta1_update_interval=beta1_update_interval,
+                             eps=eps)
     for param, grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, step in zip(
             params, grads, exp_avgs, grad_means, grad_sq_means, beta1s, beta1_products, steps):
-        kind = (grad_mean.device, grad_mean.dtype)
-        if kind not in kinds:
-            # Complements are taken in Python's float64: 1 - 0.99 in float32 would be off by 1e-6.
-            kinds[kind] = scalar_tensors(*kind, lr=lr, decay=1 - lr * weight_decay, b1_base=b1_base,
-                                         adapt_strength=adapt_strength, moment_decay=moment_decay,
-                                         one_minus_moment_decay=1 - moment_decay,
-                                         log_moment_decay=math.log(moment_decay),
-                                         beta1_update_interval=beta1_update_interval, eps=eps)
         _stam_lite_kernel(fused, param, grad, mu, grad_mean=grad_mean, grad_sq_mean=grad_sq_mean, beta1=beta1,
-                          beta1_product=beta1_product, step=step, **kinds[kind])
+                          beta1_product=beta1_product, step=step, **scalars(grad_mean.device, grad_mean.dtype))
 
 
 class STAMLite(SkipNonfiniteOptimizer):
