@@ -1,6 +1,8 @@
 """What the library's PyTorch optimizers (STAC, STAM, STAMLite) share: range checks, the non-finite policy and
 the compiled per-tensor kernels."""
 
+import inspect
+import types
 import warnings
 
 import torch
@@ -17,74 +19,174 @@ def check_range(name, value, low, high=None, low_open=False, high_open=True):
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
-def all_finite(tensors):
-    """True when no tensor holds a NaN or an Inf.
+def _as_scalars(result):
+    """A kernel's per-tensor numbers as 0-d tensors (its 1-element hyperparameters make them 1-element)."""
+    if isinstance(result, tuple):
+        return tuple(number.view(()) for number in result)
+    return None if result is None else result.view(())
 
-    One min/max pass per tensor (a NaN propagates through both, an Inf shows in
-    one) and one host sync for the whole step, instead of an
-    ``isfinite().all().item()`` per tensor. The tensors are only read.
-    """
-    extremes_by_kind = {}
-    for tensor in tensors:
-        if tensor.numel():  # an empty tensor has no min or max
-            extremes_by_kind.setdefault((tensor.device, tensor.dtype), []).extend(torch.aminmax(tensor))
-    return all(bool(torch.stack(extremes).isfinite().all()) for extremes in extremes_by_kind.values())
+
+def tensor_mean(values):
+    """The mean of one tensor; the ``mean`` a kernel gets when it runs on one tensor."""
+    return values.mean()
 
 
 class TensorKernel:
-    """A one-tensor update, run compiled (``fused=True``) or op by op (``fused=False``).
+    """A one-tensor update or statistic, run over a list of tensors: compiled, batched or op by op.
 
-    ``kernel(*elementwise, **scalars)`` updates its tensors in place (and may
-    return a per-tensor number, as STAC's "snr" rate does). Compiled
-    by ``torch.compile`` with dynamic shapes, it is one pass over memory with no
-    temporaries, and one kernel serves every tensor size: the elementwise
-    tensors are passed as flat views, and the hyperparameters come as 0-d
-    tensors, so a learning-rate schedule never recompiles. Eagerly (also for
-    non-contiguous tensors), the same code runs op by op. Where
-    ``torch.compile`` cannot build the kernel for a device (no C++ compiler, no
-    Triton) that device runs eagerly, after one warning; inside a
-    ``torch.compile``d training step the eager code is what gets traced.
+    ``kernel(*elementwise, **scalars)`` either updates elementwise tensors in
+    place (the ones named in ``writes``) or reads them and returns per-tensor
+    numbers (statistics, a finiteness flag; they come back as 0-d tensors); a
+    kernel with a ``mean`` argument takes its per-tensor means through it.
+    Scalars are tensors, so a learning-rate schedule never recompiles.
 
-    Tensors below ``compiled_min_numel`` elements also run eagerly: calling a
-    compiled kernel costs about 30 us, op by op a small tensor costs about 10
-    us (2 CPU threads, torch 2.13), and the extra passes of the eager form only
-    cost more than that from about 64K elements on.
+    ``kernel.map(fused, operands, scalars)`` runs it for every tensor
+    (``operands[i]`` the elementwise tensors, ``scalars[i]`` the scalar dict of
+    tensor i) and returns the per-tensor results. With ``fused``:
+
+    - a tensor of ``compiled_min_numel`` elements or more runs through
+      ``torch.compile`` (dynamic shapes, flat views): one pass over memory, no
+      temporaries, one kernel for every size.
+    - smaller tensors of one kind run together: one compiled call on their
+      concatenation (each tensor's mean taken over its segment, per-tensor
+      scalars spread over it), copied back after. A compiled call costs
+      ~40 us and op by op a small tensor costs ~100 us (2 CPU threads, torch
+      2.13); a model of hundreds of small norms and biases pays that once.
+    - where ``torch.compile`` cannot build a kernel for a device (no C++
+      compiler, no Triton) that device runs op by op, after one warning.
+
+    Without ``fused`` (and inside a ``torch.compile``d training step, where
+    the eager code is what gets traced, and for non-contiguous tensors) each
+    tensor runs op by op.
     """
 
     compiled_min_numel = 1 << 16
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, writes=()):
         self.kernel = kernel
+        positional = list(inspect.signature(kernel).parameters)
+        self.written = [positional.index(name) for name in writes]
+        self.takes_mean = "mean" in positional
         # Not fullgraph: past dynamo's recompile limit (8 dtype/size variants) a call runs eagerly, not fails.
         self.compiled = torch.compile(kernel, dynamic=True)
+        # A code object of its own per kernel: dynamo counts recompiles per code object, and every kernel's
+        # batched form has its own variants (dtypes, operand counts).
+        on_segments = types.FunctionType(TensorKernel._on_segments.__code__.replace(
+            co_name=f"{kernel.__name__}_on_segments"), globals())
+        self.compiled_on_segments = torch.compile(types.MethodType(on_segments, self), dynamic=True)
         self.eager_devices = set()
+        self.segments = {}
 
-    def __call__(self, fused, *elementwise, **scalars):
-        device = elementwise[0].device.type
+    def map(self, fused, operands, scalars):
+        results = [None] * len(operands)
+        batches = {}
+        for index, (tensors, values) in enumerate(zip(operands, scalars)):
+            batchable = (fused and not torch.compiler.is_compiling()
+                         and 0 < tensors[0].numel() < self.compiled_min_numel
+                         and all(t.is_contiguous() for t in tensors))
+            if batchable:  # the scalars' kind follows the tensors'
+                batches.setdefault(tuple((t.device, t.dtype) for t in tensors), []).append(index)
+            else:
+                results[index] = self._one(fused, tensors, values)
+        for indices in batches.values():
+            if len(indices) == 1:
+                results[indices[0]] = self._eager(operands[indices[0]], scalars[indices[0]])
+                continue
+            batch_results = self._batch([operands[i] for i in indices], [scalars[i] for i in indices])
+            for index, result in zip(indices, batch_results):
+                results[index] = result
+        return results
+
+    def _eager(self, tensors, values):
+        return _as_scalars(self.kernel(*tensors, **values, **({"mean": tensor_mean} if self.takes_mean else {})))
+
+    def _one(self, fused, tensors, values):
+        device = tensors[0].device.type
         if (not fused or device in self.eager_devices or torch.compiler.is_compiling()
-                or elementwise[0].numel() < self.compiled_min_numel
-                or not all(t.is_contiguous() for t in elementwise)):
-            return self.kernel(*elementwise, **scalars)
-        elementwise = [t.view(-1) for t in elementwise]
+                or tensors[0].numel() < self.compiled_min_numel or not all(t.is_contiguous() for t in tensors)):
+            return self._eager(tensors, values)
+        flat = [t.view(-1) for t in tensors]
         # 0-d tensors go in as 1-element views: compiled for float64 on the CPU, Inductor drops writes to 0-d inputs.
-        scalars = {name: value.view(1) if torch.is_tensor(value) else value for name, value in scalars.items()}
+        ones = {name: value.view(1) if value.dim() == 0 else value for name, value in values.items()}
         try:
-            return self.compiled(*elementwise, **scalars)
+            return _as_scalars(self.compiled(*flat, **ones, **({"mean": tensor_mean} if self.takes_mean else {})))
         except torch._dynamo.exc.BackendCompilerFailed as error:  # raised before the kernel touches memory
-            warnings.warn(f"torch.compile cannot build the {self.kernel.__name__} kernel on {device} ({error}); "
-                          f"running it op by op (pass fused=False to choose that)", RuntimeWarning, stacklevel=3)
-            self.eager_devices.add(device)
-            return self.kernel(*elementwise, **scalars)
+            self._fall_back_to_eager(device, error)
+            return self._eager(tensors, values)
+
+    def _fall_back_to_eager(self, device, error):
+        warnings.warn(f"torch.compile cannot build the {self.kernel.__name__} kernel on {device} ({error}); "
+                      f"running it op by op (pass fused=False to choose that)", RuntimeWarning, stacklevel=5)
+        self.eager_devices.add(device)
+
+    def _batch(self, operands, scalars):
+        """Small tensors of one kind as one flat batch, in one compiled call (op by op where that cannot be
+        built), copied back after."""
+        device = operands[0][0].device
+        sizes = [tensors[0].numel() for tensors in operands]
+        if (device, *sizes) not in self.segments:  # the same tensors come back every step
+            counts = torch.tensor(sizes, device=device)
+            self.segments[device, *sizes] = (torch.repeat_interleave(torch.arange(len(sizes), device=device), counts),
+                                             counts)
+        segment, counts = self.segments[device, *sizes]
+        flat = [torch.cat([tensors[position].view(-1) for tensors in operands]) for position in range(len(operands[0]))]
+        shared, per_tensor = {}, {}
+        for name, first in scalars[0].items():
+            if all(values[name] is first for values in scalars):
+                shared[name] = first
+            else:
+                per_tensor[name] = torch.stack([values[name] for values in scalars])
+        result = None
+        if device.type not in self.eager_devices:
+            try:
+                result = self.compiled_on_segments(*flat, segment=segment, counts=counts, shared=shared,
+                                                   per_tensor=per_tensor)
+            except torch._dynamo.exc.BackendCompilerFailed as error:  # raised before the kernel touches memory
+                self._fall_back_to_eager(device.type, error)
+        if device.type in self.eager_devices:
+            result = self._on_segments(*flat, segment=segment, counts=counts, shared=shared, per_tensor=per_tensor)
+        for position in self.written:
+            torch._foreach_copy_([tensors[position].view(-1) for tensors in operands], flat[position].split(sizes))
+        if result is None:
+            return [None] * len(operands)
+        # One value per tensor (a number for the whole batch, like the finiteness flag, is every tensor's).
+        numbers = [number.expand(len(sizes)).unbind() for number in (result if isinstance(result, tuple) else (result,))]
+        return list(zip(*numbers)) if isinstance(result, tuple) else list(numbers[0])
+
+    def _on_segments(self, *flat, segment, counts, shared, per_tensor):
+        """The kernel on a flat batch whose element i belongs to tensor ``segment[i]``. A kernel with a
+        ``mean`` (a statistic) gets each tensor's mean and its per-tensor scalars as one value per tensor; an
+        update gets the per-tensor scalars at every element of their tensor."""
+        if self.takes_mean:
+            def mean(values):
+                return torch.zeros_like(counts, dtype=values.dtype).index_add_(0, segment, values) / counts
+            return self.kernel(*flat, **shared, **per_tensor, mean=mean)
+        return self.kernel(*flat, **shared, **{name: values[segment] for name, values in per_tensor.items()})
+
+
+def _grad_is_finite(grad):
+    return torch.isfinite(grad).all()
+
+
+grad_is_finite = TensorKernel(_grad_is_finite)
+
+
+def all_true(flags):
+    """Whether every 0-d bool tensor in ``flags`` is True, with one host sync per device."""
+    by_device = {}
+    for flag in flags:
+        by_device.setdefault(flag.device, []).append(flag)
+    return all(bool(torch.stack(on_device).all()) for on_device in by_device.values())
 
 
 def scalar_tensors(**values):
-    """Hyperparameters as 0-d tensors, the form TensorKernel wants: ``scalars(device, dtype)`` gives the dict,
-    built once per device and dtype (a step over tensors of several kinds makes each dict once)."""
+    """Hyperparameters as 1-element tensors, the form TensorKernel wants: ``scalars(device, dtype)`` gives the
+    dict, built once per device and dtype (a step over tensors of several kinds makes each dict once)."""
     built = {}
 
     def scalars(device, dtype):
         if (device, dtype) not in built:
-            built[device, dtype] = {name: torch.tensor(value, dtype=dtype, device=device)
+            built[device, dtype] = {name: torch.tensor([value], dtype=dtype, device=device)
                                     for name, value in values.items()}
         return built[device, dtype]
 
@@ -103,19 +205,29 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
       floating state to the parameter's dtype: a bf16 moment would come back
       fp32, an fp32 statistic of a bf16 parameter would come back bf16).
 
-    Subclasses implement ``_update_group(group, params, grads)`` and may override
-    ``_check_checkpoint(state_dict)`` to refuse a checkpoint before anything changes.
+    A step runs in two phases. First ``_prepare_group(group, params, grads)``
+    reads every group and changes nothing: it returns one 0-d bool tensor per
+    gradient, True when that gradient is finite, and whatever statistics the
+    update needs. Optimizers that reduce over each tensor anyway (STAM's
+    residual moments, STAMLite's gradient moments, STAC's "snr" scale) fold the
+    finiteness test into that same read, so it costs no pass of its own; the
+    default is a finiteness read per gradient. Then, after one host sync per
+    device, ``_update_group(group, params, grads, statistics)`` changes the
+    parameters and the state. ``_check_checkpoint(state_dict)`` may refuse a
+    checkpoint before anything changes.
     """
 
-    def __init__(self, params, defaults, error_if_nonfinite):
+    def __init__(self, params, defaults, error_if_nonfinite, fused):
         super().__init__(params, defaults)
         self.error_if_nonfinite = bool(error_if_nonfinite)
+        self.fused = bool(fused)
         self.nonfinite_skipped_steps = 0
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite_skipped_steps", 0)
         self.__dict__.setdefault("error_if_nonfinite", False)
+        self.__dict__.setdefault("fused", True)
 
     def _params_with_grads(self, group):
         params, grads = [], []
@@ -136,20 +248,37 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with_grads = [self._params_with_grads(group) for group in self.param_groups]
-        if not all_finite([g for _, grads in with_grads for g in grads]):
+        with_grads = [(group, *self._params_with_grads(group)) for group in self.param_groups]
+        with_grads = [(group, params, grads) for group, params, grads in with_grads if params]
+        prepared = [self._prepare_group(group, params, grads) for group, params, grads in with_grads]
+        if not all_true([flag for finite, _ in prepared for flag in finite]):
             if self.error_if_nonfinite:
                 raise RuntimeError(f"{type(self).__name__}: a gradient holds NaN or Inf; parameters and state "
                                    "were left unchanged (error_if_nonfinite=True)")
             self.nonfinite_skipped_steps += 1
             return loss
-        for group, (params, grads) in zip(self.param_groups, with_grads):
-            if params:
-                self._update_group(group, params, grads)
+        for (group, params, grads), (_, statistics) in zip(with_grads, prepared):
+            self._update_group(group, params, grads, statistics)
         return loss
 
-    def _update_group(self, group, params, grads):
+    def _prepare_group(self, group, params, grads):
+        return grad_is_finite.map(self.fused, [(grad,) for grad in grads], [{}] * len(grads)), None
+
+    def _update_group(self, group, params, grads, statistics):
         raise NotImplementedError
+
+    def _states(self, group, params):
+        """Each parameter's state; a parameter without one gets ``_initial_state(group, param)``, kept by
+        ``_store_states`` once the step lands (a skipped first step leaves the state empty)."""
+        return [self.state[param] if self.state.get(param) else self._initial_state(group, param)
+                for param in params]
+
+    def _initial_state(self, group, param):
+        raise NotImplementedError
+
+    def _store_states(self, params, states):
+        for param, state in zip(params, states):
+            self.state[param] = state
 
     def _check_checkpoint(self, state_dict):
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:

@@ -21,6 +21,10 @@ ALIASES = {
 
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
+
+def _adamw_fusable(param):
+    return param.device.type in _FUSED_ADAMW_DEVICES and param.is_floating_point()
+
 # State entries that are one number per tensor; every other state tensor has its parameter's shape.
 TENSOR_STATISTICS = ("step", "grad_sq_mean")
 
@@ -34,31 +38,47 @@ def _sign_tensor_step(param, grad, momentum, *, lr, decay, sign_momentum, grad_w
     param.mul_(decay).sub_(lr * torch.sign(direction))
 
 
-def _snr_scaled_lr(momentum, grad, *, grad_sq_mean, step, lr, sign_momentum, grad_weight, log_sign_momentum, b2,
-                   one_minus_b2, log_b2, eps):
-    # A kernel of its own: inside the update's loop, Inductor would evaluate this scalar once per vector (2x the time).
+def _snr_statistics(momentum, grad, *, grad_sq_mean, step, lr, sign_momentum, grad_weight, log_sign_momentum, b2,
+                    one_minus_b2, log_b2, eps, mean):
+    # One read of g and m; the new statistics and the scaled rate, none of the state changed. A kernel of its own:
+    # inside the update's loop, Inductor would evaluate the scalar rate once per vector (2x the time).
     dtype = sign_momentum.dtype
-    grad = grad.to(dtype)
-    new_momentum = momentum.to(dtype) * sign_momentum + grad * grad_weight
-    step.add_(1)
-    grad_sq_mean.copy_(b2 * grad_sq_mean + one_minus_b2 * grad.square().mean())
+    g = grad.to(dtype)
+    new_momentum = momentum.to(dtype) * sign_momentum + g * grad_weight
+    new_step = step + 1
+    new_grad_sq_mean = b2 * grad_sq_mean + one_minus_b2 * mean(g.square())
     # -expm1(t log x) = 1 - x^t, the bias corrections of m and of mean(g^2)
-    momentum_size = new_momentum.abs().mean() / -torch.expm1(step * log_sign_momentum)
-    rms = (grad_sq_mean / -torch.expm1(step * log_b2)).sqrt() + eps
-    return lr * momentum_size / rms
+    momentum_size = mean(new_momentum.abs()) / -torch.expm1(new_step * log_sign_momentum)
+    rms = (new_grad_sq_mean / -torch.expm1(new_step * log_b2)).sqrt() + eps
+    return torch.isfinite(grad).all(), new_grad_sq_mean, new_step, lr * momentum_size / rms
 
 
 def _plain_sign_tensor_step(param, grad, *, lr, decay):
     param.mul_(decay).sub_(lr * torch.sign(grad))
 
 
-_sign_kernel = TensorKernel(_sign_tensor_step)
-_plain_sign_kernel = TensorKernel(_plain_sign_tensor_step)
-_snr_scaled_lr_kernel = TensorKernel(_snr_scaled_lr)
+_sign_kernel = TensorKernel(_sign_tensor_step, writes=("param", "momentum"))
+_plain_sign_kernel = TensorKernel(_plain_sign_tensor_step, writes=("param",))
+_snr_statistics_kernel = TensorKernel(_snr_statistics)
 
 
-def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation, sign_step_scale, b2, eps,
-                weight_decay, maximize, fused):
+def snr_statistics(grads, states, *, lr, sign_momentum, b2, eps, maximize, fused):
+    """Phase one of a trunk step with ``sign_step_scale="snr"``: per tensor, whether g is finite, the new
+    ``grad_sq_mean`` and ``step``, and the scaled rate, from one read of g and m; changes nothing."""
+    # Complements and logarithms are taken in Python's float64, where they are exact enough.
+    scalars = scalar_tensors(lr=lr, sign_momentum=sign_momentum,
+                             grad_weight=(-1.0 if maximize else 1.0) * (1.0 - sign_momentum),
+                             log_sign_momentum=math.log(sign_momentum), b2=b2, one_minus_b2=1.0 - b2,
+                             log_b2=math.log(b2), eps=eps)
+    results = _snr_statistics_kernel.map(
+        fused, [(state["momentum_buffer"], grad) for grad, state in zip(grads, states)],
+        [dict(grad_sq_mean=state["grad_sq_mean"], step=state["step"],
+              **scalars(state["step"].device, state["step"].dtype)) for state in states])
+    return [flag for flag, *_ in results], [numbers for _, *numbers in results]
+
+
+def sign_update(params, grads, states, snr_statistics, *, lr, sign_momentum, sign_interpolation, weight_decay,
+                maximize, fused):
     """The trunk's update, in place, one tensor at a time.
 
     For each parameter p with gradient g (negated when ``maximize``)::
@@ -77,12 +97,13 @@ def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation,
 
     ``states`` are the parameters' state dicts: ``momentum_buffer`` (none when
     ``sign_momentum == 0``: textbook signSGD, ``p <- p - lr * sign(g)``), and
-    with "snr" the 0-d ``grad_sq_mean`` (v) and ``step`` (t). A low-precision
-    momentum is updated in float32 and stored back in its dtype. With
-    ``fused`` each tensor is one compiled pass reading p, g, m and writing p, m
-    (20 bytes per float32 parameter, 16 with a bf16 m, 12 without m; "snr"
-    adds a statistics kernel reading g and m first) and allocating nothing;
-    otherwise the same code runs op by op.
+    with "snr" the 0-d ``grad_sq_mean`` (v) and ``step`` (t), whose new values
+    and the scaled rate ``lr * s`` come in ``snr_statistics`` (from
+    ``snr_statistics()``, one read of g and m; None without "snr"). A
+    low-precision momentum is updated in float32 and stored back in its dtype.
+    With ``fused`` each tensor is one compiled pass reading p, g, m and writing
+    p, m (20 bytes per float32 parameter, 16 with a bf16 m, 12 without m) and
+    allocating nothing; otherwise the same code runs op by op.
     """
     grad_sign = -1.0 if maximize else 1.0
     values = dict(lr=lr, decay=1.0 - lr * weight_decay)
@@ -95,22 +116,15 @@ def sign_update(params, grads, states, *, lr, sign_momentum, sign_interpolation,
                       interpolation=sign_interpolation,
                       interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation))
         kernel = _sign_kernel
-    snr_values = {}
-    if sign_step_scale == "snr":
-        # Complements and logarithms are taken in Python's float64, where they are exact enough.
-        snr_values = dict(lr=lr, sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum),
-                          log_sign_momentum=math.log(sign_momentum), b2=b2, one_minus_b2=1.0 - b2,
-                          log_b2=math.log(b2), eps=eps)
-    step_scalars, snr_step_scalars = scalar_tensors(**values), scalar_tensors(**snr_values)
-    for param, grad, state in zip(params, grads, states):
-        kind = (param.device, torch.promote_types(param.dtype, torch.float32))
-        scalars, snr_scalars = step_scalars(*kind), snr_step_scalars(*kind)
-        momentum = (state["momentum_buffer"],) if "momentum_buffer" in state else ()
-        if snr_scalars:  # first the tensor's statistics and its scaled rate, then the sign step at that rate
-            scaled_lr = _snr_scaled_lr_kernel(fused, state["momentum_buffer"], grad, grad_sq_mean=state["grad_sq_mean"],
-                                              step=state["step"], **snr_scalars)
-            scalars = dict(scalars, lr=scaled_lr)
-        kernel(fused, param, grad, *momentum, **scalars)
+    step_scalars = scalar_tensors(**values)
+    if snr_statistics is not None:
+        torch._foreach_copy_([state[key] for state in states for key in ("grad_sq_mean", "step")],
+                             [number for numbers in snr_statistics for number in numbers[:2]])
+    scalars = [step_scalars(param.device, torch.promote_types(param.dtype, torch.float32)) for param in params]
+    if snr_statistics is not None:
+        scalars = [dict(values, lr=scaled_lr) for values, (_, _, scaled_lr) in zip(scalars, snr_statistics)]
+    kernel.map(fused, [(param, grad, *((state["momentum_buffer"],) if "momentum_buffer" in state else ()))
+                       for param, grad, state in zip(params, grads, states)], scalars)
 
 
 def _resolve_alias(given, current_name, current_value):
@@ -190,11 +204,13 @@ class STAC(SkipNonfiniteOptimizer):
     ``adamw_params`` is a predicate over full parameter names for anything else.
 
     Speed: with ``fused=True`` (the default) the trunk runs one
-    ``torch.compile``d pass per tensor, compiled once at the first step for
-    every shape, and the cap runs torch's fused AdamW kernel; ``fused=False``
-    runs the same trunk update op by op (no compilation). Where
-    ``torch.compile`` cannot build a kernel (no C++ compiler or Triton), STAC
-    warns once and runs op by op.
+    ``torch.compile``d pass per large tensor, compiled once at the first step
+    for every shape, small tensors together as one flat batch, and the cap
+    runs torch's fused AdamW kernel; the non-finite check is one read of each
+    gradient (with "snr", part of the statistics read it makes anyway).
+    ``fused=False`` runs the same trunk update op by op, tensor by tensor (no
+    compilation). Where ``torch.compile`` cannot build a kernel (no C++
+    compiler or Triton), STAC warns once and runs op by op.
 
     References: Bernstein et al., signSGD (2018); Sun et al., Momentum ensures
     convergence of SIGNSGD (ICML 2023); Loshchilov & Hutter, Decoupled weight
@@ -255,7 +271,6 @@ class STAC(SkipNonfiniteOptimizer):
         if sign_lr is None:
             sign_lr = SIGN_LR_SCALE * lr if hybrid else lr
         self.sign_state_dtype = sign_state_dtype
-        self.fused = bool(fused)
 
         groups = []
         if self.partition.sign_layers:
@@ -277,7 +292,7 @@ class STAC(SkipNonfiniteOptimizer):
                 "layer_names": list(self.partition.adamw_layer_names),
                 "param_names": list(self.partition.adamw_parameter_names),
             })
-        super().__init__(groups, {}, error_if_nonfinite)
+        super().__init__(groups, {}, error_if_nonfinite, fused)
         self._groups_built = True
 
     @classmethod
@@ -311,44 +326,47 @@ class STAC(SkipNonfiniteOptimizer):
                 "supported. Build a new STAC from the model instead.")
         super().add_param_group(param_group)
 
-    def _update_group(self, group, params, grads):
-        (self._sign_step if group["role"] == "sign" else self._adamw_step)(group, params, grads)
-
-    def _sign_step(self, group, params, grads):
-        states = [self.state[param] for param in params]
-        for param, state in zip(params, states):
-            if state or group["sign_momentum"] == 0.0:
-                continue
-            state["momentum_buffer"] = torch.zeros_like(
-                param, dtype=self.sign_state_dtype or param.dtype, memory_format=torch.preserve_format)
-            if group["sign_step_scale"] == "snr":
-                stat_dtype = torch.promote_types(param.dtype, torch.float32)
-                state["grad_sq_mean"] = torch.zeros((), dtype=stat_dtype, device=param.device)
-                state["step"] = torch.zeros((), dtype=stat_dtype, device=param.device)
-        sign_update(params, grads, states, lr=group["lr"], sign_momentum=group["sign_momentum"],
-                    sign_interpolation=group["sign_interpolation"], sign_step_scale=group["sign_step_scale"],
-                    b2=group["snr_b2"], eps=group["snr_eps"], weight_decay=group["weight_decay"],
-                    maximize=group["maximize"], fused=self.fused)
-
-    def _adamw_step(self, group, params, grads):
-        fused = all(p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
-        for param in params:
-            state = self.state[param]
-            if not state:
-                # The fused kernel wants its step count as a float32 tensor on the parameter's device.
-                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+    def _initial_state(self, group, param):
+        if group["role"] == "adamw":
+            zeros = lambda: torch.zeros_like(param, memory_format=torch.preserve_format)  # noqa: E731
+            # The fused kernel wants its step count as a float32 tensor on the parameter's device.
+            state = dict(step=torch.zeros((), dtype=torch.float32, device=param.device if _adamw_fusable(param)
+                                          else "cpu"), exp_avg=zeros(), exp_avg_sq=zeros())
             if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
+                state["max_exp_avg_sq"] = zeros()
+            return state
+        if group["sign_momentum"] == 0.0:
+            return {}
+        state = dict(momentum_buffer=torch.zeros_like(param, dtype=self.sign_state_dtype or param.dtype,
+                                                      memory_format=torch.preserve_format))
+        if group["sign_step_scale"] == "snr":
+            stat_dtype = torch.promote_types(param.dtype, torch.float32)
+            state.update(grad_sq_mean=torch.zeros((), dtype=stat_dtype, device=param.device),
+                         step=torch.zeros((), dtype=stat_dtype, device=param.device))
+        return state
+
+    def _prepare_group(self, group, params, grads):
+        if group["role"] == "sign" and group["sign_step_scale"] == "snr":
+            states = self._states(group, params)
+            finite, statistics = snr_statistics(grads, states, lr=group["lr"], sign_momentum=group["sign_momentum"],
+                                                b2=group["snr_b2"], eps=group["snr_eps"], maximize=group["maximize"],
+                                                fused=self.fused)
+            return finite, (states, statistics)
+        return super()._prepare_group(group, params, grads)
+
+    def _update_group(self, group, params, grads, statistics):
+        states, snr = statistics or (self._states(group, params), None)
+        self._store_states(params, states)
+        if group["role"] == "sign":
+            sign_update(params, grads, states, snr, lr=group["lr"], sign_momentum=group["sign_momentum"],
+                        sign_interpolation=group["sign_interpolation"], weight_decay=group["weight_decay"],
+                        maximize=group["maximize"], fused=self.fused)
+            return
         beta1, beta2 = group["betas"]
-        adamw_functional(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, fused=fused,
+        adamw_functional(params, grads, [state["exp_avg"] for state in states],
+                         [state["exp_avg_sq"] for state in states],
+                         [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+                         [state["step"] for state in states], fused=all(map(_adamw_fusable, params)),
                          foreach=False, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
 

@@ -60,12 +60,17 @@ def test_trains(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_nonfinite_step_changes_nothing_and_is_counted_or_raises(name):
+@pytest.mark.parametrize("kernels", ["op_by_op", "compiled"])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")])
+def test_nonfinite_step_changes_nothing_and_is_counted_or_raises(name, kernels, bad_value, request):
+    if kernels == "compiled":  # the finiteness test then comes from each optimizer's compiled statistics kernel
+        request.getfixturevalue("compile_every_tensor")
     model, inputs, targets = model_and_data()
     optimizer = OPTIMIZERS_UNDER_TEST[name](model)
     train(model, optimizer, inputs, targets, 2)
     (model(inputs) - targets).pow(2).mean().backward()
-    next(model.parameters()).grad.view(-1)[0] = float("nan")
+    # The last tensor: every other tensor's update must wait for its verdict.
+    list(model.parameters())[-1].grad.view(-1)[-1] = bad_value
     before = snapshot(model, optimizer)
     optimizer.step()
     assert optimizer.nonfinite_skipped_steps == 1
@@ -74,6 +79,22 @@ def test_nonfinite_step_changes_nothing_and_is_counted_or_raises(name):
     with pytest.raises(RuntimeError, match="NaN or Inf"):
         optimizer.step()
     assert_same(before, snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_skipped_first_step_creates_no_state(name):
+    model, inputs, targets = model_and_data()
+    optimizer = OPTIMIZERS_UNDER_TEST[name](model)
+    (model(inputs) - targets).pow(2).mean().backward()
+    next(model.parameters()).grad.view(-1)[0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert optimizer.nonfinite_skipped_steps == 1 and not any(optimizer.state.values())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    model.zero_grad()
+    (model(inputs) - targets).pow(2).mean().backward()
+    optimizer.step()
+    assert len(optimizer.state) == len(before)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -152,14 +173,16 @@ def test_compiled_training_step_matches_eager_while_the_lr_changes(name):
 @pytest.fixture
 def compile_every_tensor(monkeypatch):
     """Run even the test models' small tensors through the compiled kernels; yields a count of compiled calls."""
-    from stac_optimizer import stac
+    from stac_optimizer import _torch_common, stac
     from stac_optimizer._torch_common import TensorKernel
     from stam_optimizer.torch import stam, stam_lite
 
     monkeypatch.setattr(TensorKernel, "compiled_min_numel", 0)
     compiled_calls = []
-    for kernel in (stac._sign_kernel, stac._plain_sign_kernel, stac._snr_scaled_lr_kernel, stam._stam_kernel,
-                   stam_lite._stam_lite_kernel):
+    kernels = [value for module in (_torch_common, stac, stam, stam_lite) for value in vars(module).values()
+               if isinstance(value, TensorKernel)]
+    assert len(kernels) == 8
+    for kernel in kernels:
         def counting(*args, compiled=kernel.compiled, **kwargs):
             compiled_calls.append(1)
             return compiled(*args, **kwargs)
@@ -167,14 +190,36 @@ def compile_every_tensor(monkeypatch):
     yield compiled_calls
 
 
+@pytest.fixture
+def count_batches(monkeypatch):
+    """Count the calls that run several small tensors as one flat batch."""
+    from stac_optimizer._torch_common import TensorKernel
+
+    batches = []
+    run_batch = TensorKernel._batch
+
+    def counting(self, operands, scalars):
+        batches.append(len(operands))
+        return run_batch(self, operands, scalars)
+
+    monkeypatch.setattr(TensorKernel, "_batch", counting)
+    yield batches
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_fused_kernels_match_the_op_by_op_update(name, compile_every_tensor):
+@pytest.mark.parametrize("kernels", ["compiled", "batched"])
+def test_fused_kernels_match_the_op_by_op_update(name, kernels, count_batches, request):
+    if kernels == "compiled":
+        compiled_calls = request.getfixturevalue("compile_every_tensor")
     model, inputs, targets = model_and_data()
     twin, _, _ = model_and_data()
     fused, op_by_op = OPTIMIZERS_UNDER_TEST[name](model), OPTIMIZERS_UNDER_TEST[name](twin, fused=False)
     train(model, fused, inputs, targets, 5)
     train(twin, op_by_op, inputs, targets, 5)
-    assert len(compile_every_tensor) >= 5 * len(fused.state) // 2  # most tensors ran compiled kernels
+    if kernels == "compiled":
+        assert len(compiled_calls) >= 5 * len(fused.state) // 2 and not count_batches  # most tensors compiled
+    else:  # the test model's tensors are all small: each step runs batches of several tensors
+        assert len(count_batches) >= 5 and min(count_batches) >= 2
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
     for p, q in zip(model.parameters(), twin.parameters()):

@@ -10,35 +10,58 @@ from stac_optimizer._torch_common import SkipNonfiniteOptimizer, TensorKernel, c
 VARIANCE_CAP = 10.0
 
 
-def _stam_tensor_step(param, grad, mu, nu, *, variance, scale, beta1_used, beta1_product, step, lr, decay, b1_base,
-                      b2, one_minus_b2, log_b2, adapt_strength, tau_decay, one_minus_tau_decay, eps):
+def _stam_statistics(grad, mu, *, variance, scale, beta1_product, step, lr, b1_base, b2, one_minus_b2, log_b2,
+                     adapt_strength, tau_decay, one_minus_tau_decay, eps, mean):
+    # One read of g and mu; every per-tensor number the update needs, none of the state changed.
     g = grad.to(mu.dtype)
-    step.add_(1)
     residual = g - mu
-    new_variance = b2 * variance + one_minus_b2 * residual.square().mean()
-    new_scale = tau_decay * scale + one_minus_tau_decay * residual.abs().mean()
+    new_variance = b2 * variance + one_minus_b2 * mean(residual.square())
+    new_scale = tau_decay * scale + one_minus_tau_decay * mean(residual.abs())
     finite = new_variance.isfinite() & new_scale.isfinite()
     new_variance = torch.minimum(new_variance, VARIANCE_CAP * new_scale.square())
     z = new_variance / (new_scale.square() + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
     beta1 = torch.where(finite, adapted, b1_base)
-    variance.copy_(torch.where(finite, new_variance, variance))
-    scale.copy_(torch.where(finite, new_scale, scale))
-    beta1_used.copy_(beta1)
-    beta1_product.mul_(beta1)
+    new_step, new_beta1_product = step + 1, beta1_product * beta1
+    return (torch.isfinite(grad).all(), torch.where(finite, new_variance, variance),
+            torch.where(finite, new_scale, scale), beta1, new_beta1_product, new_step,
+            lr / (1 - new_beta1_product), -torch.expm1(new_step * log_b2))  # 1 - b2^t, exact for b2 near 1
 
+
+def _stam_tensor_step(param, grad, mu, nu, *, beta1, step_size, bias_correction2, decay, b2, one_minus_b2, eps):
+    g = grad.to(mu.dtype)
     mu.copy_(beta1 * mu + (1 - beta1) * g)
     nu.copy_(b2 * nu + one_minus_b2 * g * g)
-    denom = (nu / -torch.expm1(step * log_b2)).sqrt() + eps  # 1 - b2^t, exact for b2 near 1
-    param.copy_(param * decay - lr * (mu / (1 - beta1_product)) / denom)
+    param.copy_(param * decay - step_size * mu / ((nu / bias_correction2).sqrt() + eps))
 
 
-_stam_kernel = TensorKernel(_stam_tensor_step)
+_stam_statistics_kernel = TensorKernel(_stam_statistics)
+_stam_kernel = TensorKernel(_stam_tensor_step, writes=("param", "mu", "nu"))
+
+# The 0-d state entries, in the order _stam_statistics returns their new values.
+_TENSOR_STATISTICS = ("variance", "scale", "beta1", "beta1_product", "step")
 
 
-def stam_update(params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s, beta1_products, steps, *, lr,
-                b1_base, b2, weight_decay, adapt_strength, tau_decay, eps, fused):
-    r"""STAM's update, in place, one tensor at a time (seed 002, "Core Update Rules").
+def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay, eps, fused):
+    """Phase one of STAM's step: per tensor, whether g is finite and its new statistics; changes nothing.
+
+    Returns ``(finite, statistics)``: ``finite`` one 0-d bool per gradient,
+    ``statistics`` per tensor ``(variance, scale, beta1, beta1_product, step,
+    step_size, bias_correction2)`` as 0-d tensors, for ``stam_update``.
+    """
+    # Complements are taken in Python's float64: 1 - b2 in float32 would be off by 1e-5.
+    scalars = scalar_tensors(lr=lr, b1_base=b1_base, b2=b2, one_minus_b2=1 - b2, log_b2=math.log(b2),
+                             adapt_strength=adapt_strength, tau_decay=tau_decay, one_minus_tau_decay=1 - tau_decay,
+                             eps=eps)
+    results = _stam_statistics_kernel.map(
+        fused, [(grad, state["exp_avg"]) for grad, state in zip(grads, states)],
+        [dict(variance=state["variance"], scale=state["scale"], beta1_product=state["beta1_product"],
+              step=state["step"], **scalars(state["exp_avg"].device, state["exp_avg"].dtype)) for state in states])
+    return [flag for flag, *_ in results], [numbers for _, *numbers in results]
+
+
+def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps, fused):
+    r"""Phase two of STAM's step (seed 002, "Core Update Rules"): the state and the parameters, in place.
 
     Per tensor, at step t, with gradient g::
 
@@ -51,20 +74,20 @@ def stam_update(params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s,
         p     <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(nu_t / (1 - b2^t)) + eps)
 
     Non-finite var_t or tau_t: beta1 = b1_base and both keep their old values.
-    The tensor statistics stay on the device as 0-d tensors (no host sync).
-    Low-precision parameters are computed in float32 and stored back. With
-    ``fused`` each tensor is one compiled kernel: a read pass over g and mu for
-    the statistics, then one pass updating mu, nu and p; otherwise the same
-    code runs op by op.
+    ``statistics`` come from ``stam_statistics`` (the first three lines and the
+    step's coefficients, from one read of g and mu); here each tensor is one
+    pass updating mu, nu and p (compiled with ``fused``, else op by op). The
+    tensor statistics stay on the device as 0-d tensors (no host sync).
+    Low-precision parameters are computed in float32 and stored back.
     """
-    # Complements are taken in Python's float64: 1 - b2 in float32 would be off by 1e-5.
-    scalars = scalar_tensors(lr=lr, decay=1 - lr * weight_decay, b1_base=b1_base, b2=b2, one_minus_b2=1 - b2,
-                             log_b2=math.log(b2), adapt_strength=adapt_strength, tau_decay=tau_decay,
-                             one_minus_tau_decay=1 - tau_decay, eps=eps)
-    for param, grad, mu, nu, variance, scale, beta1_used, beta1_product, step in zip(
-            params, grads, exp_avgs, exp_avg_sqs, variances, scales, beta1s, beta1_products, steps):
-        _stam_kernel(fused, param, grad, mu, nu, variance=variance, scale=scale, beta1_used=beta1_used,
-                     beta1_product=beta1_product, step=step, **scalars(mu.device, mu.dtype))
+    scalars = scalar_tensors(decay=1 - lr * weight_decay, b2=b2, one_minus_b2=1 - b2, eps=eps)
+    torch._foreach_copy_([state[key] for state in states for key in _TENSOR_STATISTICS],
+                         [number for numbers in statistics for number in numbers[:len(_TENSOR_STATISTICS)]])
+    _stam_kernel.map(fused, [(param, grad, state["exp_avg"], state["exp_avg_sq"])
+                             for param, grad, state in zip(params, grads, states)],
+                     [dict(beta1=beta1, step_size=step_size, bias_correction2=bias_correction2,
+                           **scalars(state["exp_avg"].device, state["exp_avg"].dtype))
+                      for state, (_, _, beta1, _, _, step_size, bias_correction2) in zip(states, statistics)])
 
 
 class STAM(SkipNonfiniteOptimizer):
@@ -112,20 +135,24 @@ class STAM(SkipNonfiniteOptimizer):
         check_range("eps", eps, 0.0, low_open=True)
         defaults = dict(lr=lr, b1_base=b1_base, b2=b2, weight_decay=weight_decay, adapt_strength=adapt_strength,
                         tau_decay=tau_decay, eps=eps)
-        super().__init__(params, defaults, error_if_nonfinite)
-        self.fused = bool(fused)
+        super().__init__(params, defaults, error_if_nonfinite, fused)
 
-    def _update_group(self, group, params, grads):
-        for param in params:
-            state = self.state[param]
-            if not state:
-                stat_dtype = torch.promote_types(param.dtype, torch.float32)
-                scalar = lambda value: torch.full((), value, dtype=stat_dtype, device=param.device)  # noqa: E731
-                state.update(step=scalar(0.0), exp_avg=torch.zeros_like(param, dtype=stat_dtype),
-                             exp_avg_sq=torch.zeros_like(param, dtype=stat_dtype), variance=scalar(0.0),
-                             scale=scalar(0.0), beta1=scalar(group["b1_base"]), beta1_product=scalar(1.0))
-        states = [self.state[p] for p in params]
-        stam_update(params, grads, *([s[key] for s in states] for key in (
-            "exp_avg", "exp_avg_sq", "variance", "scale", "beta1", "beta1_product", "step")),
-            lr=group["lr"], b1_base=group["b1_base"], b2=group["b2"], weight_decay=group["weight_decay"],
+    def _initial_state(self, group, param):
+        stat_dtype = torch.promote_types(param.dtype, torch.float32)
+        scalar = lambda value: torch.full((), value, dtype=stat_dtype, device=param.device)  # noqa: E731
+        return dict(step=scalar(0.0), exp_avg=torch.zeros_like(param, dtype=stat_dtype),
+                    exp_avg_sq=torch.zeros_like(param, dtype=stat_dtype), variance=scalar(0.0), scale=scalar(0.0),
+                    beta1=scalar(group["b1_base"]), beta1_product=scalar(1.0))
+
+    def _prepare_group(self, group, params, grads):
+        states = self._states(group, params)
+        finite, statistics = stam_statistics(
+            grads, states, lr=group["lr"], b1_base=group["b1_base"], b2=group["b2"],
             adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"], fused=self.fused)
+        return finite, (states, statistics)
+
+    def _update_group(self, group, params, grads, statistics):
+        states, statistics = statistics
+        self._store_states(params, states)
+        stam_update(params, grads, states, statistics, lr=group["lr"], b2=group["b2"],
+                    weight_decay=group["weight_decay"], eps=group["eps"], fused=self.fused)

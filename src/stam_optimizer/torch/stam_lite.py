@@ -7,34 +7,61 @@ import torch
 from stac_optimizer._torch_common import SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors
 
 
-def _stam_lite_tensor_step(param, grad, mu, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, decay,
-                           b1_base, adapt_strength, moment_decay, one_minus_moment_decay, log_moment_decay,
-                           beta1_update_interval, eps):
+def _stam_lite_statistics(grad, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
+                          adapt_strength, moment_decay, one_minus_moment_decay, log_moment_decay,
+                          beta1_update_interval, eps, mean):
+    # One read of g; every per-tensor number the update needs, none of the state changed.
     g = grad.to(grad_mean.dtype)
-    step.add_(1)
-    new_mean = moment_decay * grad_mean + one_minus_moment_decay * g.mean()
-    new_sq_mean = moment_decay * grad_sq_mean + one_minus_moment_decay * g.square().mean()
+    new_step = step + 1
+    new_mean = moment_decay * grad_mean + one_minus_moment_decay * mean(g)
+    new_sq_mean = moment_decay * grad_sq_mean + one_minus_moment_decay * mean(g.square())
     finite = new_mean.isfinite() & new_sq_mean.isfinite()
-    grad_mean.copy_(torch.where(finite, new_mean, grad_mean))
-    grad_sq_mean.copy_(torch.where(finite, new_sq_mean, grad_sq_mean))
-    z = (grad_sq_mean - grad_mean.square()).clamp(min=0) / (grad_sq_mean + eps)
+    new_mean = torch.where(finite, new_mean, grad_mean)
+    new_sq_mean = torch.where(finite, new_sq_mean, grad_sq_mean)
+    z = (new_sq_mean - new_mean.square()).clamp(min=0) / (new_sq_mean + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
-    refresh = torch.remainder(step - 1, beta1_update_interval) == 0
-    beta1.copy_(torch.where(finite, torch.where(refresh, adapted, beta1), b1_base))
-    beta1_product.mul_(beta1)
+    refresh = torch.remainder(new_step - 1, beta1_update_interval) == 0
+    new_beta1 = torch.where(finite, torch.where(refresh, adapted, beta1), b1_base)
+    new_beta1_product = beta1_product * new_beta1
+    rms = (new_sq_mean / -torch.expm1(new_step * log_moment_decay)).sqrt() + eps  # 1 - moment_decay^t
+    return (torch.isfinite(grad).all(), new_mean, new_sq_mean, new_beta1, new_beta1_product, new_step,
+            lr / ((1 - new_beta1_product) * rms))
 
-    mu_full = beta1 * mu.to(g.dtype) + (1 - beta1) * g
+
+def _stam_lite_tensor_step(param, grad, mu, *, beta1, step_size, decay):
+    mu_full = beta1 * mu.to(step_size.dtype) + (1 - beta1) * grad.to(step_size.dtype)
     mu.copy_(mu_full)
-    rms = (grad_sq_mean / -torch.expm1(step * log_moment_decay)).sqrt() + eps  # 1 - moment_decay^t
-    param.copy_(param * decay - mu_full * (lr / ((1 - beta1_product) * rms)))
+    param.copy_(param * decay - mu_full * step_size)
 
 
-_stam_lite_kernel = TensorKernel(_stam_lite_tensor_step)
+_stam_lite_statistics_kernel = TensorKernel(_stam_lite_statistics)
+_stam_lite_kernel = TensorKernel(_stam_lite_tensor_step, writes=("param", "mu"))
+
+# The 0-d state entries, in the order _stam_lite_statistics returns their new values.
+_TENSOR_STATISTICS = ("grad_mean", "grad_sq_mean", "beta1", "beta1_product", "step")
 
 
-def stam_lite_update(params, grads, exp_avgs, grad_means, grad_sq_means, beta1s, beta1_products, steps, *, lr,
-                     b1_base, weight_decay, adapt_strength, moment_decay, beta1_update_interval, eps, fused):
-    r"""STAMLite's update, in place, one tensor at a time (seed 002, "STAMLite Approximation").
+def stam_lite_statistics(grads, states, *, lr, b1_base, adapt_strength, moment_decay, beta1_update_interval, eps,
+                         fused):
+    """Phase one of STAMLite's step: per tensor, whether g is finite and its new statistics; changes nothing.
+
+    Returns ``(finite, statistics)``: ``finite`` one 0-d bool per gradient,
+    ``statistics`` per tensor ``(grad_mean, grad_sq_mean, beta1,
+    beta1_product, step, step_size)`` as 0-d tensors, for ``stam_lite_update``.
+    """
+    # Complements are taken in Python's float64: 1 - 0.99 in float32 would be off by 1e-6.
+    scalars = scalar_tensors(lr=lr, b1_base=b1_base, adapt_strength=adapt_strength, moment_decay=moment_decay,
+                             one_minus_moment_decay=1 - moment_decay, log_moment_decay=math.log(moment_decay),
+                             beta1_update_interval=beta1_update_interval, eps=eps)
+    results = _stam_lite_statistics_kernel.map(
+        fused, [(grad,) for grad in grads],
+        [dict({key: state[key] for key in _TENSOR_STATISTICS}, **scalars(state["step"].device, state["step"].dtype))
+         for state in states])
+    return [flag for flag, *_ in results], [numbers for _, *numbers in results]
+
+
+def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, fused):
+    r"""Phase two of STAMLite's step (seed 002, "STAMLite Approximation"): the state and the parameters, in place.
 
     Per tensor, at step t, with gradient g and k = beta1_update_interval::
 
@@ -47,19 +74,16 @@ def stam_lite_update(params, grads, exp_avgs, grad_means, grad_sq_means, beta1s,
         p       <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(E[g^2]_t / (1 - moment_decay^t)) + eps)
 
     Non-finite moments: beta1 = b1_base and the moments keep their old values.
-    With ``fused`` each tensor is one compiled kernel: a read pass over g for
-    the moments, then one pass updating mu and p; otherwise the same code runs
-    op by op.
+    ``statistics`` come from ``stam_lite_statistics`` (everything but mu_t
+    and p, from one read of g); here each tensor is one pass updating mu and p
+    (compiled with ``fused``, else op by op).
     """
-    # Complements are taken in Python's float64: 1 - 0.99 in float32 would be off by 1e-6.
-    scalars = scalar_tensors(lr=lr, decay=1 - lr * weight_decay, b1_base=b1_base, adapt_strength=adapt_strength,
-                             moment_decay=moment_decay, one_minus_moment_decay=1 - moment_decay,
-                             log_moment_decay=math.log(moment_decay), beta1_update_interval=beta1_update_interval,
-                             eps=eps)
-    for param, grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, step in zip(
-            params, grads, exp_avgs, grad_means, grad_sq_means, beta1s, beta1_products, steps):
-        _stam_lite_kernel(fused, param, grad, mu, grad_mean=grad_mean, grad_sq_mean=grad_sq_mean, beta1=beta1,
-                          beta1_product=beta1_product, step=step, **scalars(grad_mean.device, grad_mean.dtype))
+    scalars = scalar_tensors(decay=1 - lr * weight_decay)
+    torch._foreach_copy_([state[key] for state in states for key in _TENSOR_STATISTICS],
+                         [number for numbers in statistics for number in numbers[:len(_TENSOR_STATISTICS)]])
+    _stam_lite_kernel.map(fused, [(param, grad, state["exp_avg"]) for param, grad, state in zip(params, grads, states)],
+                          [dict(beta1=beta1, step_size=step_size, **scalars(step_size.device, step_size.dtype))
+                           for _, _, beta1, _, _, step_size in statistics])
 
 
 class STAMLite(SkipNonfiniteOptimizer):
@@ -105,21 +129,25 @@ class STAMLite(SkipNonfiniteOptimizer):
         defaults = dict(lr=lr, b1_base=b1_base, weight_decay=weight_decay, adapt_strength=adapt_strength,
                         moment_decay=moment_decay, beta1_update_interval=beta1_update_interval, eps=eps)
         self.state_dtype = state_dtype
-        self.fused = bool(fused)
-        super().__init__(params, defaults, error_if_nonfinite)
+        super().__init__(params, defaults, error_if_nonfinite, fused)
 
-    def _update_group(self, group, params, grads):
-        for param in params:
-            state = self.state[param]
-            if not state:
-                stat_dtype = torch.promote_types(param.dtype, torch.float32)
-                scalar = lambda value: torch.full((), value, dtype=stat_dtype, device=param.device)  # noqa: E731
-                state.update(step=scalar(0.0), exp_avg=torch.zeros_like(param, dtype=self.state_dtype or stat_dtype),
-                             grad_mean=scalar(0.0), grad_sq_mean=scalar(0.0), beta1=scalar(group["b1_base"]),
-                             beta1_product=scalar(1.0))
-        states = [self.state[p] for p in params]
-        stam_lite_update(params, grads, *([s[key] for s in states] for key in (
-            "exp_avg", "grad_mean", "grad_sq_mean", "beta1", "beta1_product", "step")),
-            lr=group["lr"], b1_base=group["b1_base"], weight_decay=group["weight_decay"],
-            adapt_strength=group["adapt_strength"], moment_decay=group["moment_decay"],
-            beta1_update_interval=group["beta1_update_interval"], eps=group["eps"], fused=self.fused)
+    def _initial_state(self, group, param):
+        stat_dtype = torch.promote_types(param.dtype, torch.float32)
+        scalar = lambda value: torch.full((), value, dtype=stat_dtype, device=param.device)  # noqa: E731
+        return dict(step=scalar(0.0), exp_avg=torch.zeros_like(param, dtype=self.state_dtype or stat_dtype),
+                    grad_mean=scalar(0.0), grad_sq_mean=scalar(0.0), beta1=scalar(group["b1_base"]),
+                    beta1_product=scalar(1.0))
+
+    def _prepare_group(self, group, params, grads):
+        states = self._states(group, params)
+        finite, statistics = stam_lite_statistics(
+            grads, states, lr=group["lr"], b1_base=group["b1_base"], adapt_strength=group["adapt_strength"],
+            moment_decay=group["moment_decay"], beta1_update_interval=group["beta1_update_interval"],
+            eps=group["eps"], fused=self.fused)
+        return finite, (states, statistics)
+
+    def _update_group(self, group, params, grads, statistics):
+        states, statistics = statistics
+        self._store_states(params, states)
+        stam_lite_update(params, grads, states, statistics, lr=group["lr"], weight_decay=group["weight_decay"],
+                         fused=self.fused)
