@@ -7,7 +7,8 @@ with ``torch.optim.AdamW(fused=True)`` (foreach shown too), JAX with jitted
 warm-up excluded, ``block_until_ready`` after each step). Optimizers are timed
 round-robin over several rounds and the median is kept, so drift of the
 machine hits all of them alike. The machine's memory-bandwidth floor is the
-time of an in-place ``mul_`` over a buffer of the same bytes (read + write).
+time of an in-place ``mul_`` over a buffer of the same bytes (read + write),
+timed in the same rounds (median).
 
 Transient memory is the growth of the process's peak resident set (Linux
 ``VmHWM``, reset through ``/proc/self/clear_refs``) during one step after
@@ -22,8 +23,10 @@ Lion and SGD with momentum 20.
 """
 
 import argparse
+import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -118,17 +121,12 @@ def transient_bytes(run_step):
     return max(_status_bytes("VmHWM") - before, 0)
 
 
-def bandwidth_floor(n_bytes, repeats):
-    """Seconds to read and write ``n_bytes`` in place once (the best of ``repeats``)."""
+def bandwidth_probe(n_bytes):
+    """A step that reads and writes ``n_bytes`` in place once: an in-place ``mul_`` over n/2 bytes."""
     import torch
 
-    buffer = torch.ones(max(n_bytes // 8, 1))  # read + write of n/2 bytes each = n bytes moved
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.mul_(1.0000001)
-        best = min(best, time.perf_counter() - start)
-    return best
+    buffer = torch.ones(max(n_bytes // 8, 1))
+    return lambda: buffer.mul_(1.0000001)
 
 
 def run_torch(shapes, rounds, progress, track_transient):
@@ -149,14 +147,19 @@ def run_torch(shapes, rounds, progress, track_transient):
             optimizer.step()  # warm-up, allocates state
             entries[name] = (model, optimizer, [])
         n_params = sum(p.numel() for p in next(iter(entries.values()))[0].parameters())
+        # The floor is timed in the same rounds as the optimizers, so it sees the machine they see.
+        probe, probe_times = bandwidth_probe(28 * n_params), []
+        probe()
         for _ in range(rounds):
-            for name, (model, optimizer, times) in entries.items():
+            for name, (model, optimizer, times) in [*entries.items(), ("floor", (None, SimpleNamespace(step=probe),
+                                                                                 probe_times))]:
                 start = time.perf_counter()
                 optimizer.step()
                 times.append(time.perf_counter() - start)
         transients = {name: transient_bytes(optimizer.step) if track_transient else None
                       for name, (model, optimizer, times) in entries.items()}
-        floor_seconds_per_byte = bandwidth_floor(28 * n_params, rounds) / (28 * n_params)
+        floor_seconds_per_byte = statistics.median(probe_times) / (28 * n_params)
+        del probe
         yardstick = statistics.median(entries["AdamW fused"][2])
         shape_results = {}
         for name, (model, optimizer, times) in entries.items():
@@ -294,5 +297,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
     parser.add_argument("--frameworks", nargs="+", default=["torch", "jax"], choices=["torch", "jax"])
+    parser.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args()
-    run_speed(args.quick, args.frameworks)
+    speed_results = run_speed(args.quick, args.frameworks)
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump(speed_results, out, indent=1)
