@@ -121,15 +121,22 @@ def test_composes_with_clipping_schedules_and_masks(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_nonfinite_step_changes_nothing_and_is_counted(name):
-    optimizer = make(name)
-    params, state = run(optimizer, steps=2)
+@pytest.mark.parametrize("steps_before", [0, 2])
+@pytest.mark.parametrize("bad_value", [jnp.inf, jnp.nan])
+def test_nonfinite_step_changes_nothing_and_is_counted(name, steps_before, bad_value):
+    # A schedule, so the learning-rate block has a step count of its own that must not move either.
+    optimizer = make(name, learning_rate=optax.linear_schedule(1e-2, 0.0, 10))
+    params, state = run(optimizer, steps=steps_before)
     bad = jax.tree.map(jnp.ones_like, params)
-    bad["dense"]["bias"] = bad["dense"]["bias"].at[1].set(jnp.inf)
+    bad["dense"]["bias"] = bad["dense"]["bias"].at[1].set(bad_value)
     updates, new_state = jax.jit(optimizer.update)(bad, state, params)
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
-    assert_trees_close(new_state.inner_state, state.inner_state, rtol=0, atol=0)
+    jax.tree.map(lambda new, old: np.testing.assert_array_equal(new, old), new_state.inner_state, state.inner_state)
     assert int(new_state.nonfinite_skipped_steps) == int(state.nonfinite_skipped_steps) + 1
+    # The next finite step is the step the optimizer would have taken without the bad one.
+    good = grads_at(steps_before, params)
+    assert_trees_close(jax.jit(optimizer.update)(good, new_state, params)[0],
+                       jax.jit(optimizer.update)(good, state, params)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stam_optimizer.jax._common import SeedOptimizer, check_range, scalar_dtype, skip_nonfinite
+from stam_optimizer.jax._common import SeedOptimizer, check_range, scalar_dtype, skip_nonfinite_steps
 
 
 class STAMLiteState(NamedTuple):
@@ -20,23 +20,28 @@ class STAMLiteState(NamedTuple):
     beta1_product: optax.Updates  # per tensor (0-d): product of every beta1 used, for bias correction
 
 
-def _stam_lite_leaf(grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, count, *, b1_base, adapt_strength,
-                    moment_decay, beta1_update_interval, eps):
-    """One tensor's STAMLite direction and new state (see ``scale_by_stam_lite``)."""
+def _stam_lite_leaf(grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, count, finite, *, b1_base,
+                    adapt_strength, moment_decay, beta1_update_interval, eps):
+    """One tensor's STAMLite direction and new state (see ``scale_by_stam_lite``); with ``finite`` False, the
+    old state."""
     stat_dtype = grad_mean.dtype
-    g = grad.astype(stat_dtype)
+    g = grad.astype(stat_dtype)  # the statistics of a skipped step are dropped below
     new_mean = moment_decay * grad_mean + (1 - moment_decay) * jnp.mean(g)
     new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * jnp.mean(jnp.square(g))
-    finite = jnp.isfinite(new_mean) & jnp.isfinite(new_sq_mean)
-    grad_mean = jnp.where(finite, new_mean, grad_mean)
-    grad_sq_mean = jnp.where(finite, new_sq_mean, grad_sq_mean)
+    moments_finite = jnp.isfinite(new_mean) & jnp.isfinite(new_sq_mean)
+    keep = finite & moments_finite
+    grad_mean = jnp.where(keep, new_mean, grad_mean)
+    grad_sq_mean = jnp.where(keep, new_sq_mean, grad_sq_mean)
     z = jnp.maximum(grad_sq_mean - jnp.square(grad_mean), 0) / (grad_sq_mean + eps)
     adapted = jnp.clip(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
     refresh = (count - 1) % beta1_update_interval == 0
-    beta1 = jnp.where(finite, jnp.where(refresh, adapted, beta1), b1_base).astype(stat_dtype)
+    beta1 = jnp.where(finite, jnp.where(moments_finite, jnp.where(refresh, adapted, beta1), b1_base),
+                      beta1).astype(stat_dtype)
+    # A skipped step is taken with g = 0 and beta1 = 1, which leaves mu exactly as it was.
+    beta1_step = jnp.where(finite, beta1, 1).astype(stat_dtype)
 
-    mu_full = beta1 * mu.astype(stat_dtype) + (1 - beta1) * g
-    beta1_product = beta1_product * beta1
+    mu_full = beta1_step * mu.astype(stat_dtype) + (1 - beta1_step) * jnp.where(finite, g, 0)
+    beta1_product = beta1_product * beta1_step
     rms = jnp.sqrt(grad_sq_mean / (1 - moment_decay ** count.astype(stat_dtype))) + eps
     direction = (mu_full / (1 - beta1_product) / rms).astype(grad.dtype)
     return direction, mu_full.astype(mu.dtype), grad_mean, grad_sq_mean, beta1, beta1_product
@@ -58,7 +63,9 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
 
     No per-parameter second moment: the denominator is one number per tensor.
     If the moments are not finite, beta1 falls back to b1_base and they keep
-    their previous values.
+    their previous values. ``update(..., finite=flag)``: when the 0-d ``flag``
+    is False (a gradient holds NaN or Inf) the state is returned exactly as it
+    was, without a ``lax.cond``: see ``skip_nonfinite_steps``.
     """
 
     def init(params):
@@ -71,11 +78,11 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
             beta1_product=jax.tree.map(lambda p: jnp.ones([], scalar_dtype(p)), params),
         )
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, finite=True):
         del params
-        count = optax.safe_increment(state.count)
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
         leaf = lambda g, mu, mean, sq_mean, beta1, prod: _stam_lite_leaf(  # noqa: E731
-            g, mu, mean, sq_mean, beta1, prod, count, b1_base=b1_base, adapt_strength=adapt_strength,
+            g, mu, mean, sq_mean, beta1, prod, count, finite, b1_base=b1_base, adapt_strength=adapt_strength,
             moment_decay=moment_decay, beta1_update_interval=beta1_update_interval, eps=eps)
         per_leaf = jax.tree.map(leaf, updates, state.mu, state.grad_mean, state.grad_sq_mean, state.beta1,
                                 state.beta1_product)
@@ -126,11 +133,11 @@ def stam_lite(learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength
     if not jnp.issubdtype(state_dtype, jnp.floating):
         raise ValueError(f"state_dtype must be a floating dtype such as jnp.bfloat16, got {state_dtype!r}")
     check_range("eps", eps, 0.0, low_open=True)
-    return skip_nonfinite(optax.chain(
+    return skip_nonfinite_steps(
         scale_by_stam_lite(b1_base, adapt_strength, moment_decay, beta1_update_interval, state_dtype, eps),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    ))
+    )
 
 
 class STAMLite(SeedOptimizer):
