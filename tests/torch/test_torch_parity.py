@@ -183,10 +183,11 @@ def compile_every_tensor(monkeypatch):
                if isinstance(value, TensorKernel)]
     assert len(kernels) == 8
     for kernel in kernels:
-        def counting(*args, compiled=kernel.compiled, **kwargs):
-            compiled_calls.append(1)
-            return compiled(*args, **kwargs)
-        monkeypatch.setattr(kernel, "compiled", counting)
+        for form in ("compiled", "compiled_narrow"):  # the second serves tensors with 16-bit elements
+            def counting(*args, compiled=getattr(kernel, form), **kwargs):
+                compiled_calls.append(1)
+                return compiled(*args, **kwargs)
+            monkeypatch.setattr(kernel, form, counting)
     yield compiled_calls
 
 
