@@ -79,8 +79,9 @@ class TensorKernel:
 
     compiled_min_numel = 1 << 16
 
-    def __init__(self, kernel, writes=()):
+    def __init__(self, kernel, writes=(), compile_large=True):
         self.kernel = kernel
+        self.compile_large = compile_large  # False: large tensors run op by op (few ATen ops that beat Inductor)
         positional = list(inspect.signature(kernel).parameters)
         self.written = [positional.index(name) for name in writes]
         self.takes_mean = "mean" in positional
@@ -121,7 +122,7 @@ class TensorKernel:
 
     def _one(self, fused, tensors, values):
         device = tensors[0].device.type
-        if (not fused or device in self.eager_devices or torch.compiler.is_compiling()
+        if (not fused or not self.compile_large or device in self.eager_devices or torch.compiler.is_compiling()
                 or tensors[0].numel() < self.compiled_min_numel or not all(t.is_contiguous() for t in tensors)):
             return self._eager(tensors, values)
         flat = [t.view(-1) for t in tensors]
@@ -185,10 +186,14 @@ class TensorKernel:
 
 
 def _grad_is_finite(grad):
-    return torch.isfinite(grad).all()
+    if not grad.numel():  # an empty gradient has no min or max, and nothing that is not finite
+        return torch.ones((), dtype=torch.bool, device=grad.device)
+    return torch.isfinite(torch.stack(torch.aminmax(grad))).all()  # a NaN shows in both, an Inf in one
 
 
-grad_is_finite = TensorKernel(_grad_is_finite)
+# A large gradient runs ATen's aminmax: one multithreaded read that allocates nothing, and faster than the
+# compiled reduction (a STAC step on 4 x 4096^2 took 38.8 ms with it, 48.1 ms with the compiled form).
+grad_is_finite = TensorKernel(_grad_is_finite, compile_large=False)
 
 
 def all_true(flags):
