@@ -10,10 +10,15 @@ machine hits all of them alike. The machine's memory-bandwidth floor is the
 time of an in-place ``mul_`` over a buffer of the same bytes (read + write),
 timed in the same rounds (median).
 
-Transient memory is the growth of the process's peak resident set (Linux
-``VmHWM``, reset through ``/proc/self/clear_refs``) during one step after
-warm-up, with glibc told to map every allocation of 128 KiB or more afresh
-(``mallopt``), so a temporary cannot hide in memory freed earlier.
+Transient memory, PyTorch: the growth of the process's peak resident set
+(Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) during one step
+after warm-up, with glibc told to map every allocation of 128 KiB or more
+afresh (``mallopt``), so a temporary cannot hide in memory freed earlier. It
+is measured after all the timing, on steps built afresh: under those settings
+a step that allocates temporaries pays page faults for them every time (a JAX
+STAM step took 672 ms instead of 100 ms), which is not what users see. JAX:
+the temporary buffer XLA allocates for one step (``memory_analysis()`` of the
+compiled step).
 
 Bytes each update must move, per parameter (fp32): AdamW 28 (read p, g, m, v;
 write p, m, v); STAC trunk 20 (16 with bf16 momentum, 12 plain sign; the "snr"
@@ -129,7 +134,20 @@ def bandwidth_probe(n_bytes):
     return lambda: buffer.mul_(1.0000001)
 
 
-def run_torch(shapes, rounds, progress, track_transient):
+def torch_step(make, shape):
+    """A model with fixed gradients and its optimizer after one warm-up step (which allocates the state)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch_model(shape)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = make(model)
+    optimizer.step()
+    return model, optimizer
+
+
+def run_torch(shapes, rounds, progress):
     import torch
 
     from benchmarks.torch_tasks import state_bytes
@@ -137,15 +155,7 @@ def run_torch(shapes, rounds, progress, track_transient):
     torch.set_num_threads(2)
     results = {}
     for shape_name, shape in shapes.items():
-        entries = {}
-        for name, make in _torch_optimizers().items():
-            torch.manual_seed(0)
-            model = torch_model(shape)
-            for p in model.parameters():
-                p.grad = torch.randn_like(p) * 1e-3
-            optimizer = make(model)
-            optimizer.step()  # warm-up, allocates state
-            entries[name] = (model, optimizer, [])
+        entries = {name: (*torch_step(make, shape), []) for name, make in _torch_optimizers().items()}
         n_params = sum(p.numel() for p in next(iter(entries.values()))[0].parameters())
         # The floor is timed in the same rounds as the optimizers, so it sees the machine they see.
         probe, probe_times = bandwidth_probe(28 * n_params), []
@@ -156,8 +166,6 @@ def run_torch(shapes, rounds, progress, track_transient):
                 start = time.perf_counter()
                 optimizer.step()
                 times.append(time.perf_counter() - start)
-        transients = {name: transient_bytes(optimizer.step) if track_transient else None
-                      for name, (model, optimizer, times) in entries.items()}
         floor_seconds_per_byte = statistics.median(probe_times) / (28 * n_params)
         del probe
         yardstick = statistics.median(entries["AdamW fused"][2])
@@ -169,7 +177,7 @@ def run_torch(shapes, rounds, progress, track_transient):
                 "framework": "torch", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
                 "state_bytes": state_bytes(optimizer), "bytes_moved_per_step": moved,
                 "floor_fraction": moved * floor_seconds_per_byte / seconds, "compile_s": None,
-                "transient_bytes": transients[name],
+                "transient_bytes": None,
             }
             if progress:
                 print(f"  torch {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  x{seconds / yardstick:.2f}  "
@@ -219,78 +227,93 @@ def jax_params(shape):
     return params
 
 
-def run_jax(shapes, rounds, progress, track_transient):
+class JaxStep:
+    """One optimizer's jitted train step on fixed gradients (buffers donated), compiled and warmed up."""
+
+    def __init__(self, make, shape):
+        import jax
+        import optax
+
+        params = jax_params(shape)
+        self.grads = jax.tree.map(lambda p: p * 1e-3 + 1e-4, params)
+        optimizer = make()
+        state = optimizer.init(params)
+
+        def step(params, state, grads):
+            updates, state = optimizer.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        start = time.perf_counter()
+        self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, self.grads).compile()
+        self.compile_s = time.perf_counter() - start
+        self.state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
+        self.carry = (params, state)
+        self.step()  # warm-up
+
+    def step(self):
+        import jax
+
+        self.carry = self.compiled(*self.carry, self.grads)
+        jax.block_until_ready(self.carry)
+
+
+def run_jax(shapes, rounds, progress):
     import jax
-    import optax
 
     results = {}
     for shape_name, shape in shapes.items():
-        entries = {}
-        for name, make in _jax_optimizers().items():
-            params = jax_params(shape)
-            grads = jax.tree.map(lambda p: p * 1e-3 + 1e-4, params)
-            optimizer = make()
-            state = optimizer.init(params)
-
-            def step(params, state, grads, optimizer=optimizer):
-                updates, state = optimizer.update(grads, state, params)
-                return optax.apply_updates(params, updates), state
-
-            jitted = jax.jit(step, donate_argnums=(0, 1))
-            start = time.perf_counter()
-            compiled = jitted.lower(params, state, grads).compile()
-            compile_s = time.perf_counter() - start
-            params, state = compiled(params, state, grads)  # warm-up
-            jax.block_until_ready(params)
-            entries[name] = {"compiled": compiled, "carry": (params, state), "grads": grads, "times": [],
-                             "compile_s": compile_s,
-                             "state_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state))}
-        n_params = sum(leaf.size for leaf in jax.tree.leaves(jax_params(shape)))
-        n_tensors = len(jax.tree.leaves(jax_params(shape)))
+        entries = {name: (JaxStep(make, shape), []) for name, make in _jax_optimizers().items()}
+        leaves = jax.tree.leaves(jax_params(shape))
         for _ in range(rounds):
-            for entry in entries.values():
+            for step, times in entries.values():
                 start = time.perf_counter()
-                entry["carry"] = entry["compiled"](*entry["carry"], entry["grads"])
-                jax.block_until_ready(entry["carry"])
-                entry["times"].append(time.perf_counter() - start)
-        for entry in entries.values() if track_transient else ():
-            def run_step(entry=entry):
-                entry["carry"] = entry["compiled"](*entry["carry"], entry["grads"])
-                jax.block_until_ready(entry["carry"])
-            entry["transient_bytes"] = transient_bytes(run_step)
-        yardstick = entries["optax.adamw"]
+                step.step()
+                times.append(time.perf_counter() - start)
+        yardstick, yardstick_step = statistics.median(entries["optax.adamw"][1]), entries["optax.adamw"][0]
         shape_results = {}
-        for name, entry in entries.items():
-            seconds = statistics.median(entry["times"])
+        for name, (step, times) in entries.items():
+            seconds = statistics.median(times)
             shape_results[name] = {
-                "framework": "jax", "step_ms_median": 1e3 * seconds,
-                "ratio_to_yardstick": seconds / statistics.median(yardstick["times"]),
-                "state_bytes": int(entry["state_bytes"]), "bytes_moved_per_step": None, "floor_fraction": None,
-                "compile_s": entry["compile_s"], "compile_ratio_to_yardstick": entry["compile_s"] / yardstick["compile_s"],
-                "transient_bytes": entry.get("transient_bytes"),
+                "framework": "jax", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
+                "state_bytes": int(step.state_bytes), "bytes_moved_per_step": None, "floor_fraction": None,
+                "compile_s": step.compile_s, "compile_ratio_to_yardstick": step.compile_s / yardstick_step.compile_s,
+                "transient_bytes": int(step.temp_bytes),
             }
             if progress:
-                print(f"  jax   {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  "
-                      f"x{shape_results[name]['ratio_to_yardstick']:.2f}  compile {entry['compile_s']:.2f}s")
-        results[shape_name] = {"n_params": int(n_params), "n_tensors": n_tensors, "yardstick": "optax.adamw",
-                               "optimizers": shape_results}
+                print(f"  jax   {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  x{seconds / yardstick:.2f}  "
+                      f"compile {step.compile_s:.2f}s")
+        results[shape_name] = {"n_params": int(sum(leaf.size for leaf in leaves)), "n_tensors": len(leaves),
+                               "yardstick": "optax.adamw", "optimizers": shape_results}
         del entries
     return results
+
+
+def measure_torch_transients(results, shapes):
+    """Fill in the PyTorch ``transient_bytes``: each optimizer's step built afresh, warmed up, then one step
+    measured. Runs after all the timing: the glibc settings it needs (``transient_tracking``) stay for the
+    rest of the process and slow down every step that allocates (a fresh mapping, page faults, each time)."""
+    for shape_name, block in results.items():
+        for name, make in _torch_optimizers().items():
+            block["optimizers"][name]["transient_bytes"] = transient_bytes(torch_step(make, shapes[shape_name])[1].step)
 
 
 def run_speed(quick, frameworks=("torch", "jax"), progress=True):
     """The microbenchmark; returns a JSON-serialisable dict (see the module docstring)."""
     shapes = QUICK_SHAPES if quick else SHAPES
     rounds = 3 if quick else 9
-    track_transient = transient_tracking()
-    results = {"shapes": {name: dict(shape) for name, shape in shapes.items()}, "rounds": rounds,
-               "transient_memory": "peak RSS growth during one step" if track_transient else "not measured here",
-               "bytes_per_param_model": BYTES_PER_PARAM}
+    timed = {}
     if "torch" in frameworks:
-        results["torch"] = run_torch(shapes, rounds, progress, track_transient)
+        timed["torch"] = run_torch(shapes, rounds, progress)
     if "jax" in frameworks:
-        results["jax"] = run_jax(shapes, rounds, progress, track_transient)
-    return results
+        timed["jax"] = run_jax(shapes, rounds, progress)
+    track_transient = "torch" in timed and transient_tracking()
+    if track_transient:
+        measure_torch_transients(timed["torch"], shapes)
+    return {"shapes": {name: dict(shape) for name, shape in shapes.items()}, "rounds": rounds,
+            "transient_memory": {"torch": "peak RSS growth during one step" if track_transient else "not measured",
+                                 "jax": "XLA's temporary buffer per step (compiled.memory_analysis())"},
+            "bytes_per_param_model": BYTES_PER_PARAM, **timed}
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ _FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
 def _adamw_fusable(param):
     return param.device.type in _FUSED_ADAMW_DEVICES and param.is_floating_point()
 
+
 # State entries that are one number per tensor; every other state tensor has its parameter's shape.
 TENSOR_STATISTICS = ("step", "grad_sq_mean")
 
@@ -77,7 +78,7 @@ def snr_statistics(grads, states, *, lr, sign_momentum, b2, eps, maximize, fused
     return [flag for flag, *_ in results], [numbers for _, *numbers in results]
 
 
-def sign_update(params, grads, states, snr_statistics, *, lr, sign_momentum, sign_interpolation, weight_decay,
+def sign_update(params, grads, states, snr_numbers, *, lr, sign_momentum, sign_interpolation, weight_decay,
                 maximize, fused):
     """The trunk's update, in place, one tensor at a time.
 
@@ -98,7 +99,7 @@ def sign_update(params, grads, states, snr_statistics, *, lr, sign_momentum, sig
     ``states`` are the parameters' state dicts: ``momentum_buffer`` (none when
     ``sign_momentum == 0``: textbook signSGD, ``p <- p - lr * sign(g)``), and
     with "snr" the 0-d ``grad_sq_mean`` (v) and ``step`` (t), whose new values
-    and the scaled rate ``lr * s`` come in ``snr_statistics`` (from
+    and the scaled rate ``lr * s`` come in ``snr_numbers`` (from
     ``snr_statistics()``, one read of g and m; None without "snr"). A
     low-precision momentum is updated in float32 and stored back in its dtype.
     With ``fused`` each tensor is one compiled pass reading p, g, m and writing
@@ -117,12 +118,11 @@ def sign_update(params, grads, states, snr_statistics, *, lr, sign_momentum, sig
                       interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation))
         kernel = _sign_kernel
     step_scalars = scalar_tensors(**values)
-    if snr_statistics is not None:
-        torch._foreach_copy_([state[key] for state in states for key in ("grad_sq_mean", "step")],
-                             [number for numbers in snr_statistics for number in numbers[:2]])
     scalars = [step_scalars(param.device, torch.promote_types(param.dtype, torch.float32)) for param in params]
-    if snr_statistics is not None:
-        scalars = [dict(values, lr=scaled_lr) for values, (_, _, scaled_lr) in zip(scalars, snr_statistics)]
+    if snr_numbers is not None:
+        torch._foreach_copy_([state[key] for state in states for key in ("grad_sq_mean", "step")],
+                             [number for numbers in snr_numbers for number in numbers[:2]])
+        scalars = [dict(values, lr=scaled_lr) for values, (_, _, scaled_lr) in zip(scalars, snr_numbers)]
     kernel.map(fused, [(param, grad, *((state["momentum_buffer"],) if "momentum_buffer" in state else ()))
                        for param, grad, state in zip(params, grads, states)], scalars)
 
