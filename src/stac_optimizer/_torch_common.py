@@ -180,7 +180,10 @@ class TensorKernel:
         update gets the per-tensor scalars at every element of their tensor."""
         if self.takes_mean:
             def mean(values):
-                return torch.zeros_like(counts, dtype=values.dtype).index_add_(0, segment, values) / counts
+                # segment_reduce sums in a fixed order (a compiled index_add_ races: not deterministic), one element
+                # after another, so in float64: in float32 a sum of 60K elements is off by ~1e-5.
+                sums = torch.segment_reduce(values.to(torch.float64), "sum", lengths=counts)
+                return (sums / counts).to(values.dtype)
             return self.kernel(*flat, **shared, **per_tensor, mean=mean)
         return self.kernel(*flat, **shared, **{name: values[segment] for name, values in per_tensor.items()})
 
