@@ -102,8 +102,10 @@ def all_finite_flag(tree):
     overflow, and XLA's CPU sum runs about 3.5x faster than
     ``all(isfinite(leaf))`` (2.7 against 9.9 ms on a 16.7M tensor).
     """
-    return jnp.all(jnp.isfinite(jnp.stack([jnp.sum(leaf - leaf, dtype=jnp.float32)
-                                           for leaf in jax.tree.leaves(tree)])))
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.isfinite(jnp.stack([jnp.sum(leaf - leaf, dtype=jnp.float32) for leaf in leaves])))
 
 
 def all_finite(tree):
