@@ -181,8 +181,9 @@ class TensorKernel:
         if self.takes_mean:
             def mean(values):
                 # segment_reduce sums in a fixed order (a compiled index_add_ races: not deterministic), one element
-                # after another, so in float64: in float32 a sum of 60K elements is off by ~1e-5.
-                sums = torch.segment_reduce(values.to(torch.float64), "sum", lengths=counts)
+                # after another, so in float64 (MPS has none): in float32 a sum of 60K elements is off by ~1e-5.
+                wide = torch.float32 if values.device.type == "mps" else torch.float64
+                sums = torch.segment_reduce(values.to(wide), "sum", lengths=counts)
                 return (sums / counts).to(values.dtype)
             return self.kernel(*flat, **shared, **per_tensor, mean=mean)
         return self.kernel(*flat, **shared, **{name: values[segment] for name, values in per_tensor.items()})
