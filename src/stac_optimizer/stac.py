@@ -102,9 +102,10 @@ def sign_update(params, grads, states, snr_numbers, *, lr, sign_momentum, sign_i
     and the scaled rate ``lr * s`` come in ``snr_numbers`` (from
     ``snr_statistics()``, one read of g and m; None without "snr"). A
     low-precision momentum is updated in float32 and stored back in its dtype.
-    With ``fused`` each tensor is one compiled pass reading p, g, m and writing
-    p, m (20 bytes per float32 parameter, 16 with a bf16 m, 12 without m) and
-    allocating nothing; otherwise the same code runs op by op.
+    With ``fused`` each large tensor is one compiled pass reading p, g, m and
+    writing p, m (20 bytes per float32 parameter, 16 with a bf16 m, 12 without
+    m) and allocating nothing, and small tensors run as one compiled batch (see
+    ``TensorKernel``); otherwise the same code runs op by op.
     """
     grad_sign = -1.0 if maximize else 1.0
     values = dict(lr=lr, decay=1.0 - lr * weight_decay)
