@@ -31,7 +31,6 @@ import argparse
 import json
 import statistics
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -160,14 +159,14 @@ def run_torch(shapes, rounds, progress):
         # The floor is timed in the same rounds as the optimizers, so it sees the machine they see.
         probe, probe_times = bandwidth_probe(28 * n_params), []
         probe()
+        steps = [(optimizer.step, times) for _, optimizer, times in entries.values()] + [(probe, probe_times)]
         for _ in range(rounds):
-            for name, (model, optimizer, times) in [*entries.items(), ("floor", (None, SimpleNamespace(step=probe),
-                                                                                 probe_times))]:
+            for step, times in steps:
                 start = time.perf_counter()
-                optimizer.step()
+                step()
                 times.append(time.perf_counter() - start)
         floor_seconds_per_byte = statistics.median(probe_times) / (28 * n_params)
-        del probe
+        del probe, steps
         yardstick = statistics.median(entries["AdamW fused"][2])
         shape_results = {}
         for name, (model, optimizer, times) in entries.items():

@@ -5,7 +5,8 @@ import math
 import torch
 from torch.optim.adamw import adamw as adamw_functional
 
-from stac_optimizer._torch_common import SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors
+from stac_optimizer._torch_common import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
+                                          store_tensor_statistics)
 from stac_optimizer.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_optimizer.partition import partition_trainable_layers
 
@@ -26,8 +27,9 @@ def _adamw_fusable(param):
     return param.device.type in _FUSED_ADAMW_DEVICES and param.is_floating_point()
 
 
-# State entries that are one number per tensor; every other state tensor has its parameter's shape.
-TENSOR_STATISTICS = ("step", "grad_sq_mean")
+# State entries that are one number per tensor (in the order _snr_statistics returns their new values); every
+# other state tensor has its parameter's shape.
+TENSOR_STATISTICS = ("grad_sq_mean", "step")
 
 
 def _sign_tensor_step(param, grad, momentum, *, lr, decay, sign_momentum, grad_weight, interpolation,
@@ -71,11 +73,10 @@ def snr_statistics(grads, states, *, lr, sign_momentum, b2, eps, maximize, fused
                              grad_weight=(-1.0 if maximize else 1.0) * (1.0 - sign_momentum),
                              log_sign_momentum=math.log(sign_momentum), b2=b2, one_minus_b2=1.0 - b2,
                              log_b2=math.log(b2), eps=eps)
-    results = _snr_statistics_kernel.map(
+    return _snr_statistics_kernel.map_statistics(
         fused, [(state["momentum_buffer"], grad) for grad, state in zip(grads, states)],
         [dict(grad_sq_mean=state["grad_sq_mean"], step=state["step"],
               **scalars(state["step"].device, state["step"].dtype)) for state in states])
-    return [flag for flag, *_ in results], [numbers for _, *numbers in results]
 
 
 def sign_update(params, grads, states, snr_numbers, *, lr, sign_momentum, sign_interpolation, weight_decay,
@@ -121,8 +122,7 @@ def sign_update(params, grads, states, snr_numbers, *, lr, sign_momentum, sign_i
     step_scalars = scalar_tensors(**values)
     scalars = [step_scalars(param.device, torch.promote_types(param.dtype, torch.float32)) for param in params]
     if snr_numbers is not None:
-        torch._foreach_copy_([state[key] for state in states for key in ("grad_sq_mean", "step")],
-                             [number for numbers in snr_numbers for number in numbers[:2]])
+        store_tensor_statistics(states, TENSOR_STATISTICS, snr_numbers)
         scalars = [dict(values, lr=scaled_lr) for values, (_, _, scaled_lr) in zip(scalars, snr_numbers)]
     kernel.map(fused, [(param, grad, *((state["momentum_buffer"],) if "momentum_buffer" in state else ()))
                        for param, grad, state in zip(params, grads, states)], scalars)

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from stac_optimizer._torch_common import SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors
+from stac_optimizer._torch_common import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
+                                          store_tensor_statistics)
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard); as in the JAX STAM.
 VARIANCE_CAP = 10.0
@@ -53,11 +54,10 @@ def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay
     scalars = scalar_tensors(lr=lr, b1_base=b1_base, b2=b2, one_minus_b2=1 - b2, log_b2=math.log(b2),
                              adapt_strength=adapt_strength, tau_decay=tau_decay, one_minus_tau_decay=1 - tau_decay,
                              eps=eps)
-    results = _stam_statistics_kernel.map(
+    return _stam_statistics_kernel.map_statistics(
         fused, [(grad, state["exp_avg"]) for grad, state in zip(grads, states)],
         [dict(variance=state["variance"], scale=state["scale"], beta1_product=state["beta1_product"],
               step=state["step"], **scalars(state["exp_avg"].device, state["exp_avg"].dtype)) for state in states])
-    return [flag for flag, *_ in results], [numbers for _, *numbers in results]
 
 
 def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps, fused):
@@ -81,8 +81,7 @@ def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps,
     Low-precision parameters are computed in float32 and stored back.
     """
     scalars = scalar_tensors(decay=1 - lr * weight_decay, b2=b2, one_minus_b2=1 - b2, eps=eps)
-    torch._foreach_copy_([state[key] for state in states for key in _TENSOR_STATISTICS],
-                         [number for numbers in statistics for number in numbers[:len(_TENSOR_STATISTICS)]])
+    store_tensor_statistics(states, _TENSOR_STATISTICS, statistics)
     _stam_kernel.map(fused, [(param, grad, state["exp_avg"], state["exp_avg_sq"])
                              for param, grad, state in zip(params, grads, states)],
                      [dict(beta1=beta1, step_size=step_size, bias_correction2=bias_correction2,

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from stac_optimizer._torch_common import SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors
+from stac_optimizer._torch_common import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
+                                          store_tensor_statistics)
 
 
 def _stam_lite_statistics(grad, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
@@ -53,11 +54,10 @@ def stam_lite_statistics(grads, states, *, lr, b1_base, adapt_strength, moment_d
     scalars = scalar_tensors(lr=lr, b1_base=b1_base, adapt_strength=adapt_strength, moment_decay=moment_decay,
                              one_minus_moment_decay=1 - moment_decay, log_moment_decay=math.log(moment_decay),
                              beta1_update_interval=beta1_update_interval, eps=eps)
-    results = _stam_lite_statistics_kernel.map(
+    return _stam_lite_statistics_kernel.map_statistics(
         fused, [(grad,) for grad in grads],
         [dict({key: state[key] for key in _TENSOR_STATISTICS}, **scalars(state["step"].device, state["step"].dtype))
          for state in states])
-    return [flag for flag, *_ in results], [numbers for _, *numbers in results]
 
 
 def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, fused):
@@ -79,8 +79,7 @@ def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, fus
     (compiled with ``fused``, else op by op).
     """
     scalars = scalar_tensors(decay=1 - lr * weight_decay)
-    torch._foreach_copy_([state[key] for state in states for key in _TENSOR_STATISTICS],
-                         [number for numbers in statistics for number in numbers[:len(_TENSOR_STATISTICS)]])
+    store_tensor_statistics(states, _TENSOR_STATISTICS, statistics)
     _stam_lite_kernel.map(fused, [(param, grad, state["exp_avg"]) for param, grad, state in zip(params, grads, states)],
                           [dict(beta1=beta1, step_size=step_size, **scalars(step_size.device, step_size.dtype))
                            for _, _, beta1, _, _, step_size in statistics])
