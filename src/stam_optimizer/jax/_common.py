@@ -34,6 +34,11 @@ class SkipNonfiniteState(NamedTuple):
     nonfinite_skipped_steps: jax.Array  # int32: steps skipped because a gradient held NaN or Inf
 
 
+def _count_skip(state, finite):
+    """``state.nonfinite_skipped_steps``, one more when the step is not ``finite``."""
+    return state.nonfinite_skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
+
+
 def skip_nonfinite(inner):
     """The library's non-finite policy around ``inner``.
 
@@ -57,8 +62,7 @@ def skip_nonfinite(inner):
 
         # lax.cond runs one branch, so a finite step pays no extra pass over the state.
         new_updates, new_inner = jax.lax.cond(finite, apply, skip, None)
-        skipped = state.nonfinite_skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
-        return new_updates, SkipNonfiniteState(new_inner, skipped)
+        return new_updates, SkipNonfiniteState(new_inner, _count_skip(state, finite))
 
     return optax.GradientTransformation(init, update)
 
@@ -88,8 +92,7 @@ def skip_nonfinite_steps(scaling, *rest):
         new_updates, new_rest_state = rest.update(direction, tuple(rest_state), params)
         new_rest_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_rest_state, tuple(rest_state))
         new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-        skipped = state.nonfinite_skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
-        return new_updates, SkipNonfiniteState((scaling_state, *new_rest_state), skipped)
+        return new_updates, SkipNonfiniteState((scaling_state, *new_rest_state), _count_skip(state, finite))
 
     return optax.GradientTransformation(init, update)
 
