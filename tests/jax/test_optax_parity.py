@@ -140,6 +140,18 @@ def test_nonfinite_step_changes_nothing_and_is_counted(name, steps_before, bad_v
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_finite_gradients_whose_statistics_overflow_are_not_skipped(name):
+    # Finiteness is judged from the step's tensor means; 1e30 is finite in float32, its square is not.
+    optimizer = make(name)
+    params, state = run(optimizer, steps=2)
+    huge = jax.tree.map(lambda p: jnp.full_like(p, 1e30), params)
+    updates, new_state = jax.jit(optimizer.update)(huge, state, params)
+    assert int(new_state.nonfinite_skipped_steps) == 0
+    assert int(new_state.inner_state[0].count) == int(state.inner_state[0].count) + 1
+    assert all(bool(jnp.all(jnp.isfinite(u) & (u != 0))) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_state_round_trips_through_flax_serialization_and_pickle_and_resumes_exactly(name):
     optimizer = make(name)
     params, state = run(optimizer, steps=3)

@@ -70,15 +70,16 @@ def skip_nonfinite(inner):
 def skip_nonfinite_steps(scaling, *rest):
     """``optax.chain(scaling, *rest)`` under the library's non-finite policy, without ``skip_nonfinite``'s cond.
 
-    ``scaling.update(updates, state, params, finite=flag)`` must return its
-    state exactly as it was when ``flag`` is False; STAM's and STAMLite's
-    blocks do, by taking that step with g = 0 and beta1 = b2 = 1. The state of
-    ``rest`` (small: a schedule's count) is kept here by a select, and the
-    updates are zero. Under ``lax.cond`` XLA's CPU backend writes the updates
-    out and copies moments between the branches' buffers: STAM's step took
-    2.0x the time it takes without a skip on 4 x 4096^2 parameters, STAMLite's
-    2.6x. The state has ``skip_nonfinite``'s layout (``inner_state`` is the
-    chain's tuple).
+    ``scaling.update(updates, state, params)`` returns ``(direction, state,
+    finite)``: it judges the step itself (see ``gradients_finite``) and, when
+    ``finite`` is False, returns its state exactly as it was; STAM's and
+    STAMLite's blocks do, by taking that step with g = 0 and beta1 = b2 = 1.
+    The state of ``rest`` (small: a schedule's count) is kept here by a select,
+    and the updates are zero. Under ``lax.cond`` XLA's CPU backend writes the
+    updates out and copies moments between the branches' buffers: STAM's step
+    took 2.0x the time it takes without a skip on 4 x 4096^2 parameters,
+    STAMLite's 2.6x. The state has ``skip_nonfinite``'s layout
+    (``inner_state`` is the chain's tuple).
     """
     rest = optax.chain(*rest)
 
@@ -86,15 +87,36 @@ def skip_nonfinite_steps(scaling, *rest):
         return SkipNonfiniteState((scaling.init(params), *rest.init(params)), jnp.zeros([], jnp.int32))
 
     def update(updates, state, params=None):
-        finite = all_finite_flag(updates)
         scaling_state, *rest_state = state.inner_state
-        direction, scaling_state = scaling.update(updates, scaling_state, params, finite=finite)
+        direction, scaling_state, finite = scaling.update(updates, scaling_state, params)
         new_updates, new_rest_state = rest.update(direction, tuple(rest_state), params)
         new_rest_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_rest_state, tuple(rest_state))
         new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
         return new_updates, SkipNonfiniteState((scaling_state, *new_rest_state), _count_skip(state, finite))
 
     return optax.GradientTransformation(init, update)
+
+
+def gradients_finite(grads, statistics):
+    """True (a 0-d bool array) when no leaf of ``grads`` holds a NaN or an Inf, judged from ``statistics``.
+
+    ``statistics`` are per-leaf means the step takes anyway, each of a value
+    that is NaN or Inf wherever g is (``g - mu``, ``g^2``): a mean over a leaf
+    holding a NaN or an Inf is not finite, so finite statistics prove finite
+    gradients without a pass of their own (that pass took 10 of STAM's 103 ms
+    on 4 x 4096^2 parameters). A statistic that is not finite may still come
+    from finite gradients (its square overflowed, or the leaf is empty); only
+    then does ``all_finite_flag`` read the gradients, under a ``lax.cond``
+    whose result is one bool. The cond is also what keeps XLA from fusing
+    every tensor's statistics into every consumer of the flag: with the flag
+    taken straight from the statistics, STAM on 195 tensors took 417 s to
+    compile.
+    """
+    statistics = jax.tree.leaves(statistics)
+    if not statistics:
+        return jnp.array(True)
+    statistics_finite = jnp.all(jnp.stack([jnp.isfinite(statistic) for statistic in statistics]))
+    return jax.lax.cond(statistics_finite, lambda _: jnp.array(True), all_finite_flag, grads)
 
 
 def all_finite_flag(tree):

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stam_optimizer.jax._common import SeedOptimizer, check_range, scalar_dtype, skip_nonfinite_steps
+from stam_optimizer.jax._common import (SeedOptimizer, check_range, gradients_finite, scalar_dtype,
+                                        skip_nonfinite_steps)
 
 
 class STAMLiteState(NamedTuple):
@@ -20,14 +21,21 @@ class STAMLiteState(NamedTuple):
     beta1_product: optax.Updates  # per tensor (0-d): product of every beta1 used, for bias correction
 
 
-def _stam_lite_leaf(grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, count, finite, *, b1_base,
+def _gradient_moments(grad, stat_dtype):
+    """mean(g) and mean(g^2) of one tensor: the read before STAMLite's update."""
+    g = grad.astype(stat_dtype)
+    return jnp.mean(g), jnp.mean(jnp.square(g))
+
+
+def _stam_lite_leaf(grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, moments, count, finite, *, b1_base,
                     adapt_strength, moment_decay, beta1_update_interval, eps):
     """One tensor's STAMLite direction and new state (see ``scale_by_stam_lite``); with ``finite`` False, the
     old state."""
     stat_dtype = grad_mean.dtype
-    g = grad.astype(stat_dtype)  # the statistics of a skipped step are dropped below
-    new_mean = moment_decay * grad_mean + (1 - moment_decay) * jnp.mean(g)
-    new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * jnp.mean(jnp.square(g))
+    g = grad.astype(stat_dtype)
+    mean, square_mean = moments  # the statistics of a skipped step are dropped below
+    new_mean = moment_decay * grad_mean + (1 - moment_decay) * mean
+    new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * square_mean
     moments_finite = jnp.isfinite(new_mean) & jnp.isfinite(new_sq_mean)
     keep = finite & moments_finite
     grad_mean = jnp.where(keep, new_mean, grad_mean)
@@ -49,7 +57,7 @@ def _stam_lite_leaf(grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, cou
 
 def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1_update_interval=5,
                        state_dtype=jnp.float32, eps=1e-8):
-    r"""STAMLite's direction, as an optax block: ``mu_hat / RMS``.
+    r"""STAMLite's direction, as a block for ``skip_nonfinite_steps``: ``mu_hat / RMS``.
 
     Per tensor, at step t (1-based), with gradient g and k = beta1_update_interval::
 
@@ -63,9 +71,10 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
 
     No per-parameter second moment: the denominator is one number per tensor.
     If the moments are not finite, beta1 falls back to b1_base and they keep
-    their previous values. ``update(..., finite=flag)``: when the 0-d ``flag``
-    is False (a gradient holds NaN or Inf) the state is returned exactly as it
-    was, without a ``lax.cond``: see ``skip_nonfinite_steps``.
+    their previous values. ``update`` returns ``(direction, state, finite)``:
+    ``finite`` is False when a gradient holds NaN or Inf (judged from the
+    moments' means, see ``gradients_finite``), and then the state is returned
+    exactly as it was, without a ``lax.cond``: see ``skip_nonfinite_steps``.
     """
 
     def init(params):
@@ -78,17 +87,20 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
             beta1_product=jax.tree.map(lambda p: jnp.ones([], scalar_dtype(p)), params),
         )
 
-    def update(updates, state, params=None, finite=True):
+    def update(updates, state, params=None):
         del params
+        moments = jax.tree.map(lambda g, mean: _gradient_moments(g, mean.dtype), updates, state.grad_mean)
+        finite = gradients_finite(updates, moments)
         count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-        leaf = lambda g, mu, mean, sq_mean, beta1, prod: _stam_lite_leaf(  # noqa: E731
-            g, mu, mean, sq_mean, beta1, prod, count, finite, b1_base=b1_base, adapt_strength=adapt_strength,
-            moment_decay=moment_decay, beta1_update_interval=beta1_update_interval, eps=eps)
+        leaf = lambda g, mu, mean, sq_mean, beta1, prod, moments: _stam_lite_leaf(  # noqa: E731
+            g, mu, mean, sq_mean, beta1, prod, moments, count, finite, b1_base=b1_base,
+            adapt_strength=adapt_strength, moment_decay=moment_decay, beta1_update_interval=beta1_update_interval,
+            eps=eps)
         per_leaf = jax.tree.map(leaf, updates, state.mu, state.grad_mean, state.grad_sq_mean, state.beta1,
-                                state.beta1_product)
+                                state.beta1_product, moments)
         direction, mu, grad_mean, grad_sq_mean, beta1, beta1_product = (
             jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(6))
-        return direction, STAMLiteState(count, mu, grad_mean, grad_sq_mean, beta1, beta1_product)
+        return direction, STAMLiteState(count, mu, grad_mean, grad_sq_mean, beta1, beta1_product), finite
 
     return optax.GradientTransformation(init, update)
 
