@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from stac_optimizer.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
-from stam_optimizer.jax._common import check_range, scalar_dtype, skip_nonfinite
+from stam_optimizer.jax._common import all_finite_flag, check_range, scalar_dtype, skip_nonfinite_steps
 
 ROOT_LAYER_NAME = "<root>"
 # A layer whose own name matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f, norm1).
@@ -112,6 +112,51 @@ def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_pa
     return PytreePartition(tuple(sign_names), tuple(adamw_names), label_by_path)
 
 
+def _skip_weights(finite, beta):
+    """``(beta, 1 - beta)`` for a step, ``(1, 0)`` for a skipped one: ``beta m + (1 - beta) g`` then keeps m
+    exactly (with g zeroed). The complement is taken in Python's float64, as optax takes it."""
+    return jnp.where(finite, beta, 1), jnp.where(finite, 1 - beta, 0)
+
+
+class SignMomentumState(NamedTuple):
+    """State of ``scale_by_sign_momentum``."""
+
+    momentum: optax.Updates  # m, stored in sign_state_dtype
+
+
+def scale_by_sign_momentum(sign_momentum, sign_state_dtype=None):
+    """``sign(m)`` with ``m <- beta m + (1 - beta) g`` (``sign(g)`` and no state when beta = 0).
+
+    m is updated in float32 at least and stored in ``sign_state_dtype``
+    (default: the parameter's). ``update(..., finite=flag)``: when the 0-d
+    ``flag`` is False the step is taken with g = 0 and beta = 1, which leaves m
+    exactly as it was (see ``skip_nonfinite_steps``).
+    """
+
+    def init(params):
+        if sign_momentum == 0:
+            return optax.EmptyState()
+        return SignMomentumState(jax.tree.map(lambda p: jnp.zeros_like(p, dtype=sign_state_dtype or p.dtype), params))
+
+    def update(updates, state, params=None, finite=True):
+        del params
+        if sign_momentum == 0:
+            return jax.tree.map(jnp.sign, updates), state
+        beta, grad_weight = _skip_weights(finite, sign_momentum)
+
+        def leaf(grad, momentum):
+            dtype = scalar_dtype(grad)
+            g = jnp.where(finite, grad, 0).astype(dtype)
+            new_momentum = beta * momentum.astype(dtype) + grad_weight * g
+            return jnp.sign(new_momentum).astype(grad.dtype), new_momentum.astype(momentum.dtype)
+
+        per_leaf = jax.tree.map(leaf, updates, state.momentum)
+        direction, momentum = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(2))
+        return direction, SignMomentumState(momentum)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 class SNRSignState(NamedTuple):
     """State of ``scale_by_snr_sign``."""
 
@@ -125,6 +170,7 @@ def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
 
     ``m <- beta m + (1 - beta) g`` and ``v <- b2 v + (1 - b2) mean(g^2)``, both
     bias-corrected in ``s``; see ``stac_optimizer.stac.sign_update`` for why.
+    ``update(..., finite=flag)`` as in ``scale_by_sign_momentum``.
     """
 
     def init(params):
@@ -133,39 +179,63 @@ def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
             momentum=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=sign_state_dtype or p.dtype), params),
             grad_sq_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params))
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, finite=True):
         del params
-        count = optax.safe_increment(state.count)
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+        beta, grad_weight = _skip_weights(finite, sign_momentum)
+        b2_step, b2_complement = _skip_weights(finite, b2)
 
         def leaf(grad, momentum, grad_sq_mean):
             dtype = grad_sq_mean.dtype
-            g = grad.astype(dtype)
-            momentum = sign_momentum * momentum.astype(dtype) + (1 - sign_momentum) * g
-            grad_sq_mean = b2 * grad_sq_mean + (1 - b2) * jnp.mean(jnp.square(g))
+            new_momentum = beta * momentum.astype(dtype) + grad_weight * jnp.where(finite, grad, 0).astype(dtype)
+            # The mean of g itself, dropped on a skipped step: a mean of the zeroed g made XLA write that g out.
+            square_mean = jnp.where(finite, jnp.mean(jnp.square(grad.astype(dtype))), 0)
+            grad_sq_mean = b2_step * grad_sq_mean + b2_complement * square_mean
             t = count.astype(dtype)
-            scale = jnp.mean(jnp.abs(momentum)) / (1 - sign_momentum ** t) / (
+            scale = jnp.mean(jnp.abs(new_momentum)) / (1 - sign_momentum ** t) / (
                 jnp.sqrt(grad_sq_mean / (1 - b2 ** t)) + eps)
-            return (scale * jnp.sign(momentum)).astype(grad.dtype), momentum, grad_sq_mean
+            return (scale * jnp.sign(new_momentum)).astype(grad.dtype), new_momentum.astype(momentum.dtype), grad_sq_mean
 
         per_leaf = jax.tree.map(leaf, updates, state.momentum, state.grad_sq_mean)
         direction, momentum, grad_sq_mean = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(3))
-        momentum = jax.tree.map(lambda new, old: new.astype(old.dtype), momentum, state.momentum)
         return direction, SNRSignState(count, momentum, grad_sq_mean)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
-def sign_momentum_trunk(learning_rate, sign_momentum, weight_decay, sign_state_dtype, sign_step_scale=None,
-                        b2=0.999, eps=1e-8):
-    """``p <- p (1 - lr wd) - lr s sign(m)``, ``m = beta m + (1 - beta) g`` (no ``m`` when beta = 0); s = 1, or
-    the "snr" scale of ``scale_by_snr_sign``."""
-    if sign_step_scale == "snr":
-        direction = [scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype)]
-    else:
-        momentum = [] if sign_momentum == 0 else [
-            optax.ema(sign_momentum, debias=False, accumulator_dtype=sign_state_dtype)]
-        direction = [*momentum, optax.scale_by_sign()]
-    return optax.chain(*direction, optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate))
+def scale_by_adam(b1, b2, eps):
+    """``optax.scale_by_adam``'s direction, written with the same expressions (so the cap equals
+    ``optax.adamw``), plus ``update(..., finite=flag)`` as in ``scale_by_sign_momentum`` (b1 = b2 = 1, g = 0)."""
+
+    def init(params):
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(jnp.zeros_like, params),
+                                      nu=jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params=None, finite=True):
+        del params
+        b1_step, b1_complement = _skip_weights(finite, b1)
+        b2_step, b2_complement = _skip_weights(finite, b2)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0).astype(g.dtype), updates)
+        mu = jax.tree.map(lambda g, t: b1_complement * g + b1_step * t, grads, state.mu)
+        nu = jax.tree.map(lambda g, t: b2_complement * g ** 2 + b2_step * t, grads, state.nu)
+        count_inc = optax.safe_increment(state.count)
+        mu_hat, nu_hat = optax.tree.bias_correction(mu, b1, count_inc), optax.tree.bias_correction(nu, b2, count_inc)
+        direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+        return direction, optax.ScaleByAdamState(jnp.where(finite, count_inc, state.count), mu, nu)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _judged(directions):
+    """``directions`` (blocks taking ``finite=``) as ``skip_nonfinite_steps`` wants them: one finiteness read of
+    every gradient decides the step."""
+
+    def update(updates, state, params=None):
+        finite = all_finite_flag(updates)
+        direction, state = directions.update(updates, state, params, finite=finite)
+        return direction, state, finite
+
+    return optax.GradientTransformation(directions.init, update)
 
 
 def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_scale=None, sign_state_dtype=None,
@@ -238,12 +308,20 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
         scale = SIGN_LR_SCALE if part.sign_layer_names and part.adamw_layer_names else 1.0
         return scale * (learning_rate(count) if callable(learning_rate) else learning_rate)
 
-    trunk = sign_momentum_trunk(trunk_learning_rate, sign_momentum,
-                                weight_decay if sign_weight_decay is None else sign_weight_decay, sign_state_dtype,
-                                sign_step_scale, b2, eps)
-    cap = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                      weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay)
-    return skip_nonfinite(optax.partition({"sign": trunk, "adamw": cap}, lambda tree: resolve(tree).labels(tree)))
+    labels = lambda tree: resolve(tree).labels(tree)  # noqa: E731
+    if sign_step_scale == "snr":
+        sign_direction = scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype)
+    else:
+        sign_direction = scale_by_sign_momentum(sign_momentum, sign_state_dtype)
+    directions = optax.partition({"sign": sign_direction, "adamw": scale_by_adam(b1, b2, eps)}, labels)
+    rates = optax.partition({
+        "sign": optax.chain(optax.add_decayed_weights(weight_decay if sign_weight_decay is None else sign_weight_decay),
+                            optax.scale_by_learning_rate(trunk_learning_rate)),
+        "adamw": optax.chain(optax.add_decayed_weights(weight_decay if adamw_weight_decay is None
+                                                       else adamw_weight_decay),
+                             optax.scale_by_learning_rate(learning_rate)),
+    }, labels)
+    return skip_nonfinite_steps(_judged(directions), rates)
 
 
 def stac_recommended(learning_rate=3e-3, **overrides):
@@ -262,5 +340,5 @@ def stac_recommended(learning_rate=3e-3, **overrides):
     return stac(learning_rate, **options)
 
 
-__all__ = ["stac", "stac_recommended", "stac_partition", "PytreePartition", "sign_momentum_trunk",
-           "scale_by_snr_sign"]
+__all__ = ["stac", "stac_recommended", "stac_partition", "PytreePartition", "scale_by_sign_momentum",
+           "scale_by_snr_sign", "scale_by_adam"]
