@@ -215,7 +215,7 @@ def scale_by_adam(b1, b2, eps):
         del params
         b1_step, b1_complement = _skip_weights(finite, b1)
         b2_step, b2_complement = _skip_weights(finite, b2)
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0).astype(g.dtype), updates)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0), updates)
         mu = jax.tree.map(lambda g, t: b1_complement * g + b1_step * t, grads, state.mu)
         nu = jax.tree.map(lambda g, t: b2_complement * g ** 2 + b2_step * t, grads, state.nu)
         count_inc = optax.safe_increment(state.count)
