@@ -152,6 +152,17 @@ def test_finite_gradients_whose_statistics_overflow_are_not_skipped(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_an_empty_leaf_is_not_a_nonfinite_gradient(name):
+    # The mean over an empty leaf is NaN, so the step's finiteness is settled by reading the gradients.
+    params = {**make_params(), "empty": jnp.zeros((0, 3))}
+    optimizer = make(name)
+    updates, state = jax.jit(optimizer.update)(grads_at(0, params), optimizer.init(params), params)
+    assert int(state.nonfinite_skipped_steps) == 0
+    assert bool(jnp.all(updates["dense"]["kernel"] != 0))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_state_round_trips_through_flax_serialization_and_pickle_and_resumes_exactly(name):
     optimizer = make(name)
     params, state = run(optimizer, steps=3)
