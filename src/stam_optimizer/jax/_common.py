@@ -48,10 +48,11 @@ def skip_nonfinite_steps(scaling, *rest):
     ``finite`` is False, returns its state exactly as it was; STAM's,
     STAMLite's and STAC's blocks do, by taking that step with g = 0 and
     beta1 = b2 = 1. The state of ``rest`` (small: a schedule's count) is kept
-    here by a select, and the updates are zero. Under ``lax.cond`` XLA's CPU backend writes the
-    updates out and copies moments between the branches' buffers: STAM's step
-    took 2.0x the time it takes without a skip on 4 x 4096^2 parameters,
-    STAMLite's 2.6x. ``inner_state`` is the chain's tuple.
+    here by a select, and the updates are zero. Under ``lax.cond`` XLA's CPU
+    backend writes the updates out and copies moments between the branches'
+    buffers: STAM's step took 2.0x the time it takes without a skip on
+    4 x 4096^2 parameters, STAMLite's 2.6x. ``inner_state`` is the chain's
+    tuple.
     """
     rest = optax.chain(*rest)
 
