@@ -194,7 +194,8 @@ def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
             t = count.astype(dtype)
             scale = jnp.mean(jnp.abs(new_momentum)) / (1 - sign_momentum ** t) / (
                 jnp.sqrt(grad_sq_mean / (1 - b2 ** t)) + eps)
-            return (scale * jnp.sign(new_momentum)).astype(grad.dtype), new_momentum.astype(momentum.dtype), grad_sq_mean
+            direction = (scale * jnp.sign(new_momentum)).astype(grad.dtype)
+            return direction, new_momentum.astype(momentum.dtype), grad_sq_mean
 
         per_leaf = jax.tree.map(leaf, updates, state.momentum, state.grad_sq_mean)
         direction, momentum, grad_sq_mean = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(3))
