@@ -261,6 +261,11 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     first step. A step whose gradients hold NaN/Inf changes nothing and is
     counted in ``state.nonfinite_skipped_steps``.
 
+    Under ``optax.inject_hyperparams``, which builds the transformation anew
+    for every update, give ``partition=`` and list ``last_n_layers`` and
+    ``sign_momentum`` (they shape the state) in ``static_args``; the learning
+    rates, betas, eps and weight decays can be injected.
+
     Example::
 
         partition = stac_partition(params, last_n_layers=1)
@@ -275,6 +280,13 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
         if (b1, b2) != (0.9, 0.999) and tuple(betas) != (b1, b2):
             raise ValueError(f"give betas or b1/b2, not both: got betas={betas!r}, b1={b1!r}, b2={b2!r}")
         b1, b2 = betas
+    # Both shape the state (which layers have a cap, whether the trunk keeps a momentum): Python numbers only.
+    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
+        raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r} (under "
+                         "optax.inject_hyperparams, list it in static_args)")
+    if isinstance(sign_momentum, bool) or not isinstance(sign_momentum, (int, float)):
+        raise ValueError(f"sign_momentum must be a number in [0, 1), got {sign_momentum!r} (under "
+                         "optax.inject_hyperparams, list it in static_args)")
     for name, value in (("learning_rate", learning_rate), ("sign_learning_rate", sign_learning_rate)):
         if value is not None and not callable(value):
             check_range(name, value, 0.0)
@@ -290,16 +302,8 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
                         ("adamw_weight_decay", adamw_weight_decay)):
         if value is not None:
             check_range(name, value, 0.0)
-    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
-        raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r}")
 
     resolved = {"partition": partition}
-
-    def resolve(params):
-        if resolved["partition"] is None:
-            resolved["partition"] = stac_partition(params, last_n_layers, adamw_norm_layers=adamw_norm_layers,
-                                                   adamw_params=adamw_params)
-        return resolved["partition"]
 
     def trunk_learning_rate(count):
         if sign_learning_rate is not None:
@@ -309,7 +313,7 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
         scale = SIGN_LR_SCALE if part.sign_layer_names and part.adamw_layer_names else 1.0
         return scale * (learning_rate(count) if callable(learning_rate) else learning_rate)
 
-    labels = lambda tree: resolve(tree).labels(tree)  # noqa: E731
+    labels = lambda tree: resolved["partition"].labels(tree)  # noqa: E731
     if sign_step_scale == "snr":
         sign_direction = scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype)
     else:
@@ -322,7 +326,23 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
                                                        else adamw_weight_decay),
                              optax.scale_by_learning_rate(learning_rate)),
     }, labels)
-    return skip_nonfinite_steps(_judged(directions), rates)
+    transformation = skip_nonfinite_steps(_judged(directions), rates)
+
+    def init(params):
+        if resolved["partition"] is None:
+            resolved["partition"] = stac_partition(params, last_n_layers, adamw_norm_layers=adamw_norm_layers,
+                                                   adamw_params=adamw_params)
+        return transformation.init(params)
+
+    def update(updates, state, params=None):
+        if resolved["partition"] is None:
+            raise ValueError(
+                "stac has no partition: call init on your model's own parameter tree first, or pass "
+                "partition=stac_partition(params, ...) (needed when the transformation is built anew for the "
+                "update, as optax.inject_hyperparams does)")
+        return transformation.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 def stac_recommended(learning_rate=3e-3, **overrides):

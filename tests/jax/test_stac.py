@@ -183,6 +183,47 @@ def test_nonfinite_step_changes_nothing_and_is_counted(options, steps_before, ba
     jax.tree.map(np.testing.assert_array_equal, update(good, new_state, params)[0], update(good, state, params)[0])
 
 
+def test_inject_hyperparams_with_an_explicit_partition_matches_and_does_not_recompile():
+    # Definition order zeta, alpha: sorted order (what jit hands back) would make zeta the cap.
+    params = {"zeta": {"w": jnp.linspace(-1, 1, 6).reshape(2, 3)}, "alpha": {"w": jnp.ones(3)}}
+    partition = stac_partition(params)
+    injected = optax.inject_hyperparams(stac, static_args=("last_n_layers", "sign_momentum"))(
+        learning_rate=1e-2, partition=partition)
+    plain = stac(1e-2)
+    traces = []
+
+    @jax.jit
+    def update(grads, state, params):
+        traces.append(1)
+        return injected.update(grads, state, params)
+
+    state, plain_state = injected.init(params), plain.init(params)
+    for step in range(3):
+        state.hyperparams["learning_rate"] = jnp.asarray(1e-2)
+        grads = jax.tree.map(lambda p: jnp.cos(p + step), params)
+        updates, state = update(grads, state, params)
+        expected, plain_state = plain.update(grads, plain_state, params)
+        # Hyperparameters as arrays instead of folded constants: float32 rounding differs slightly.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), updates, expected)
+    assert len(traces) == 1
+
+
+def test_update_without_init_or_partition_says_what_to_do():
+    params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
+    state = stac(1e-2).init(params)
+    with pytest.raises(ValueError, match="partition"):
+        stac(1e-2).update(params, state, params)
+
+
+@pytest.mark.parametrize("name, other", [("last_n_layers", "sign_momentum"), ("sign_momentum", "last_n_layers")])
+def test_state_shaping_arguments_must_be_static_under_inject_hyperparams(name, other):
+    params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
+    injected = optax.inject_hyperparams(stac, static_args=(other,))(learning_rate=1e-2,
+                                                                    partition=stac_partition(params))
+    with pytest.raises(ValueError, match=f"{name}.*static_args"):
+        injected.init(params)
+
+
 def test_schedule_drives_both_roles():
     params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
     optimizer = stac(optax.constant_schedule(0.0))
