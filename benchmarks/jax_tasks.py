@@ -61,7 +61,9 @@ def _compiled(task, optimizer_name, make_optimizer):
     """One jitted step per (task, optimizer): the learning rate is data, so sweeps and seeds reuse it."""
     key = (task.name, task.steps, optimizer_name)
     if key not in _COMPILED:
-        optimizer = optax.inject_hyperparams(lambda learning_rate: make_optimizer(learning_rate))(learning_rate=0.0)
+        template = init_mlp(jax.random.PRNGKey(0), task.sizes)  # the model's own tree, for STAC's partition
+        optimizer = optax.inject_hyperparams(lambda learning_rate: make_optimizer(template, learning_rate))(
+            learning_rate=0.0)
 
         def step(params, state, x, y):
             loss, grads = jax.value_and_grad(task.loss)(params, x, y)

@@ -32,21 +32,24 @@ def _torch_registry():
 def _jax_registry():
     import optax
 
-    from stac_optimizer.optax import stac, stac_recommended
+    from stac_optimizer.optax import stac, stac_partition, stac_recommended
     from stam_optimizer import stam, stam_lite
 
+    # (params, lr): params is the model's own tree, from which STAC takes its partition (inject_hyperparams builds
+    # the transformation anew for every update, so it cannot resolve the partition from the jitted tree).
     return {
-        "STAM": (lambda lr: stam(lr), GRID_ADAM_LIKE),
-        "STAMLite": (lambda lr: stam_lite(lr), GRID_ADAM_LIKE),
-        "STAC": (lambda lr: stac(lr), GRID_ADAM_LIKE),
-        "STAC recommended": (lambda lr: stac_recommended(lr), GRID_ADAM_LIKE),
-        "adamw": (lambda lr: optax.adamw(lr, weight_decay=0.01), GRID_ADAM_LIKE),
-        "lion": (lambda lr: optax.lion(lr, weight_decay=0.01), (3e-5, 1e-4, 3e-4)),
-        "sgd momentum": (lambda lr: optax.sgd(lr, momentum=0.9), (1e-2, 3e-2, 1e-1)),
-        "rmsprop": (lambda lr: optax.rmsprop(lr), GRID_ADAM_LIKE),
-        "adagrad": (lambda lr: optax.adagrad(lr), (3e-3, 1e-2, 3e-2)),
-        "nadam": (lambda lr: optax.nadam(lr), GRID_ADAM_LIKE),
-        "lamb": (lambda lr: optax.lamb(lr), (1e-3, 3e-3, 1e-2)),
+        "STAM": (lambda params, lr: stam(lr), GRID_ADAM_LIKE),
+        "STAMLite": (lambda params, lr: stam_lite(lr), GRID_ADAM_LIKE),
+        "STAC": (lambda params, lr: stac(lr, partition=stac_partition(params)), GRID_ADAM_LIKE),
+        "STAC recommended": (lambda params, lr: stac_recommended(lr, partition=stac_partition(params)),
+                             GRID_ADAM_LIKE),
+        "adamw": (lambda params, lr: optax.adamw(lr, weight_decay=0.01), GRID_ADAM_LIKE),
+        "lion": (lambda params, lr: optax.lion(lr, weight_decay=0.01), (3e-5, 1e-4, 3e-4)),
+        "sgd momentum": (lambda params, lr: optax.sgd(lr, momentum=0.9), (1e-2, 3e-2, 1e-1)),
+        "rmsprop": (lambda params, lr: optax.rmsprop(lr), GRID_ADAM_LIKE),
+        "adagrad": (lambda params, lr: optax.adagrad(lr), (3e-3, 1e-2, 3e-2)),
+        "nadam": (lambda params, lr: optax.nadam(lr), GRID_ADAM_LIKE),
+        "lamb": (lambda params, lr: optax.lamb(lr), (1e-3, 3e-3, 1e-2)),
     }
 
 
