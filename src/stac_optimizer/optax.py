@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from stac_optimizer.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
-from stam_optimizer.jax._common import all_finite_flag, check_range, scalar_dtype, skip_nonfinite_steps
+from stam_optimizer.jax._common import (all_finite_flag, check_range, scalar_dtype, skip_nonfinite_steps,
+                                        skip_weights)
 
 ROOT_LAYER_NAME = "<root>"
 # A layer whose own name matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f, norm1).
@@ -112,12 +113,6 @@ def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_pa
     return PytreePartition(tuple(sign_names), tuple(adamw_names), label_by_path)
 
 
-def _skip_weights(finite, beta):
-    """``(beta, 1 - beta)`` for a step, ``(1, 0)`` for a skipped one: ``beta m + (1 - beta) g`` then keeps m
-    exactly (with g zeroed). The complement is taken in Python's float64, as optax takes it."""
-    return jnp.where(finite, beta, 1), jnp.where(finite, 1 - beta, 0)
-
-
 class SignMomentumState(NamedTuple):
     """State of ``scale_by_sign_momentum``."""
 
@@ -142,7 +137,7 @@ def scale_by_sign_momentum(sign_momentum, sign_state_dtype=None):
         del params
         if sign_momentum == 0:
             return jax.tree.map(jnp.sign, updates), state
-        beta, grad_weight = _skip_weights(finite, sign_momentum)
+        beta, grad_weight = skip_weights(finite, sign_momentum)
 
         def leaf(grad, momentum):
             dtype = scalar_dtype(grad)
@@ -182,8 +177,8 @@ def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
     def update(updates, state, params=None, finite=True):
         del params
         count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-        beta, grad_weight = _skip_weights(finite, sign_momentum)
-        b2_step, b2_complement = _skip_weights(finite, b2)
+        beta, grad_weight = skip_weights(finite, sign_momentum)
+        b2_step, b2_complement = skip_weights(finite, b2)
 
         def leaf(grad, momentum, grad_sq_mean):
             dtype = grad_sq_mean.dtype
@@ -214,8 +209,8 @@ def scale_by_adam(b1, b2, eps):
 
     def update(updates, state, params=None, finite=True):
         del params
-        b1_step, b1_complement = _skip_weights(finite, b1)
-        b2_step, b2_complement = _skip_weights(finite, b2)
+        b1_step, b1_complement = skip_weights(finite, b1)
+        b2_step, b2_complement = skip_weights(finite, b2)
         grads = jax.tree.map(lambda g: jnp.where(finite, g, 0), updates)
         mu = jax.tree.map(lambda g, t: b1_complement * g + b1_step * t, grads, state.mu)
         nu = jax.tree.map(lambda g, t: b2_complement * g ** 2 + b2_step * t, grads, state.nu)

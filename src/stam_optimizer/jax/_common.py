@@ -70,6 +70,12 @@ def skip_nonfinite_steps(scaling, *rest):
     return optax.GradientTransformation(init, update)
 
 
+def skip_weights(finite, beta):
+    """``(beta, 1 - beta)`` for a step, ``(1, 0)`` for a skipped one: ``beta m + (1 - beta) g`` then keeps m
+    exactly (with g zeroed). The complement is taken in Python's float64, as optax takes it."""
+    return jnp.where(finite, beta, 1), jnp.where(finite, 1 - beta, 0)
+
+
 def gradients_finite(grads, statistics):
     """True (a 0-d bool array) when no leaf of ``grads`` holds a NaN or an Inf, judged from ``statistics``.
 

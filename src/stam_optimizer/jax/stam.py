@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from stam_optimizer.jax._common import (SeedOptimizer, check_range, gradients_finite, scalar_dtype,
-                                        skip_nonfinite_steps)
+                                        skip_nonfinite_steps, skip_weights)
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard).
 VARIANCE_CAP = 10.0
@@ -48,7 +48,7 @@ def _stam_leaf(grad, mu, nu, variance, scale, beta1, beta1_product, moments, cou
     # A skipped step is taken with g = 0 and beta1 = b2 = 1, which leaves mu and nu exactly as they were.
     beta1_used = jnp.where(statistics_finite, adapted, b1_base).astype(stat_dtype)
     beta1_step = jnp.where(finite, beta1_used, 1).astype(stat_dtype)
-    b2_step, b2_complement_step = jnp.where(finite, b2, 1), jnp.where(finite, 1 - b2, 0)  # 1 - b2 exact
+    b2_step, b2_complement_step = skip_weights(finite, b2)
     keep = finite & statistics_finite
     variance = jnp.where(keep, new_variance, variance)
     scale = jnp.where(keep, new_scale, scale)
