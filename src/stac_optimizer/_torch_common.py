@@ -249,9 +249,10 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
       fp32, an fp32 statistic of a bf16 parameter would come back bf16).
 
     A step runs in two phases. First ``_prepare_group(group, params, grads)``
-    reads every group and changes nothing: it returns one 0-d bool tensor per
-    gradient, True when that gradient is finite, and whatever statistics the
-    update needs. Optimizers that reduce over each tensor anyway (STAM's
+    reads every group and changes nothing: it returns 0-d bool tensors, all
+    True when every gradient is finite (one per gradient, or one for the group
+    when a single kernel reads them all), and whatever statistics the update
+    needs. Optimizers that reduce over each tensor anyway (STAM's
     residual moments, STAMLite's gradient moments, STAC's "snr" scale) fold the
     finiteness test into that same read, so it costs no pass of its own; the
     default is a finiteness read per gradient. Then, after one host sync per

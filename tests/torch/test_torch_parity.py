@@ -60,10 +60,12 @@ def test_trains(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("kernels", ["op_by_op", "compiled"])
+@pytest.mark.parametrize("kernels", ["default", "compiled"])
 @pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")])
 def test_nonfinite_step_changes_nothing_and_is_counted_or_raises(name, kernels, bad_value, request):
-    if kernels == "compiled":  # the finiteness test then comes from each optimizer's compiled statistics kernel
+    # default: small tensors batched (STAM's and STAMLite's in one C call, the finiteness test from its sums);
+    # compiled: the finiteness test from each optimizer's compiled statistics kernel.
+    if kernels == "compiled":
         request.getfixturevalue("compile_every_tensor")
     model, inputs, targets = model_and_data()
     optimizer = OPTIMIZERS_UNDER_TEST[name](model)
@@ -83,8 +85,8 @@ def test_nonfinite_step_changes_nothing_and_is_counted_or_raises(name, kernels, 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_steps_are_deterministic(name):
-    # Tensors of 40K elements: below the compiled-per-tensor size, so they run as one batch, large enough
-    # for its per-tensor statistics to be reduced by two threads.
+    # Tensors of 40K elements: below the compiled-per-tensor size, so they run as one batch (STAM's and
+    # STAMLite's as one C call), large enough for the per-tensor statistics to be reduced by two threads.
     results = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -185,7 +187,15 @@ def test_compiled_training_step_matches_eager_while_the_lr_changes(name):
 
 
 @pytest.fixture
-def compile_every_tensor(monkeypatch):
+def without_cpu_kernels(monkeypatch):
+    """STAM and STAMLite run TensorKernel's forms, as where the C kernels cannot be built."""
+    from stac_optimizer import _cpu_kernels
+
+    monkeypatch.setattr(_cpu_kernels, "_library", False)
+
+
+@pytest.fixture
+def compile_every_tensor(monkeypatch, without_cpu_kernels):
     """Run even the test models' small tensors through the compiled kernels; yields a count of compiled calls."""
     from stac_optimizer import _torch_common, stac
     from stac_optimizer._torch_common import TensorKernel
@@ -221,11 +231,29 @@ def count_batches(monkeypatch):
     yield batches
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("kernels", ["compiled", "batched"])
-def test_fused_kernels_match_the_op_by_op_update(name, kernels, count_batches, request):
+@pytest.fixture
+def count_cpu_kernel_calls(monkeypatch):
+    """Count the calls of the C kernels, by name."""
+    from stac_optimizer import _cpu_kernels
+
+    calls = []
+    run = _cpu_kernels.run
+
+    def counting(name, *args, **kwargs):
+        calls.append(name)
+        return run(name, *args, **kwargs)
+
+    monkeypatch.setattr(_cpu_kernels, "run", counting)
+    yield calls
+
+
+@pytest.mark.parametrize("name, kernels", [(name, kernels) for name in NAMES for kernels in ("compiled", "batched")]
+                         + [("stam", "cpu"), ("stam_lite", "cpu")])
+def test_fused_kernels_match_the_op_by_op_update(name, kernels, count_batches, count_cpu_kernel_calls, request):
     if kernels == "compiled":
         compiled_calls = request.getfixturevalue("compile_every_tensor")
+    if kernels == "batched":
+        request.getfixturevalue("without_cpu_kernels")
     model, inputs, targets = model_and_data()
     twin, _, _ = model_and_data()
     fused, op_by_op = OPTIMIZERS_UNDER_TEST[name](model), OPTIMIZERS_UNDER_TEST[name](twin, fused=False)
@@ -233,8 +261,10 @@ def test_fused_kernels_match_the_op_by_op_update(name, kernels, count_batches, r
     train(twin, op_by_op, inputs, targets, 5)
     if kernels == "compiled":
         assert len(compiled_calls) >= 5 * len(fused.state) // 2 and not count_batches  # most tensors compiled
-    else:  # the test model's tensors are all small: each step runs batches of several tensors
+    elif kernels == "batched":  # the test model's tensors are all small: each step runs batches of several tensors
         assert len(count_batches) >= 5 and min(count_batches) >= 2
+    else:  # each step: one statistics call and one update call for the whole group
+        assert count_cpu_kernel_calls.count(f"{name}_step") == 5 and not count_batches
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
     for p, q in zip(model.parameters(), twin.parameters()):

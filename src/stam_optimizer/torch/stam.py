@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from stac_optimizer import _cpu_kernels
 from stac_optimizer._torch_common import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
                                           store_tensor_statistics)
 
@@ -11,22 +12,27 @@ from stac_optimizer._torch_common import (SkipNonfiniteOptimizer, TensorKernel, 
 VARIANCE_CAP = 10.0
 
 
-def _stam_statistics(grad, mu, *, variance, scale, beta1_product, step, lr, b1_base, b2, one_minus_b2, log_b2,
-                     adapt_strength, tau_decay, one_minus_tau_decay, eps, mean):
-    # One read of g and mu; every per-tensor number the update needs, none of the state changed.
-    g = grad.to(mu.dtype)
-    residual = g - mu
-    new_variance = b2 * variance + one_minus_b2 * mean(residual.square())
-    new_scale = tau_decay * scale + one_minus_tau_decay * mean(residual.abs())
+def _stam_rule(residual_sq_mean, residual_abs_mean, *, variance, scale, beta1_product, step, lr, b1_base, b2,
+               one_minus_b2, log_b2, adapt_strength, tau_decay, one_minus_tau_decay, eps):
+    # The new per-tensor numbers from this step's mean(r^2) and mean(|r|). Elementwise: it serves one tensor (0-d
+    # numbers) or a whole group at once (one value per tensor).
+    new_variance = b2 * variance + one_minus_b2 * residual_sq_mean
+    new_scale = tau_decay * scale + one_minus_tau_decay * residual_abs_mean
     finite = new_variance.isfinite() & new_scale.isfinite()
     new_variance = torch.minimum(new_variance, VARIANCE_CAP * new_scale.square())
     z = new_variance / (new_scale.square() + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
     beta1 = torch.where(finite, adapted, b1_base)
     new_step, new_beta1_product = step + 1, beta1_product * beta1
-    return (torch.isfinite(grad).all(), torch.where(finite, new_variance, variance),
-            torch.where(finite, new_scale, scale), beta1, new_beta1_product, new_step,
-            lr / (1 - new_beta1_product), -torch.expm1(new_step * log_b2))  # 1 - b2^t, exact for b2 near 1
+    return (torch.where(finite, new_variance, variance), torch.where(finite, new_scale, scale), beta1,
+            new_beta1_product, new_step, lr / (1 - new_beta1_product),
+            -torch.expm1(new_step * log_b2))  # 1 - b2^t, exact for b2 near 1
+
+
+def _stam_statistics(grad, mu, *, mean, **numbers):
+    # One read of g and mu; every per-tensor number the update needs, none of the state changed.
+    residual = grad.to(mu.dtype) - mu
+    return torch.isfinite(grad).all(), *_stam_rule(mean(residual.square()), mean(residual.abs()), **numbers)
 
 
 def _stam_tensor_step(param, grad, mu, nu, *, beta1, step_size, bias_correction2, decay, b2, one_minus_b2, eps):
@@ -41,26 +47,39 @@ _stam_kernel = TensorKernel(_stam_tensor_step, writes=("param", "mu", "nu"))
 
 # The 0-d state entries, in the order _stam_statistics returns their new values.
 _TENSOR_STATISTICS = ("variance", "scale", "beta1", "beta1_product", "step")
+# The 0-d state entries the statistics read (beta1 is only logged).
+_STATE_INPUTS = ("variance", "scale", "beta1_product", "step")
 
 
-def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay, eps, fused):
+def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay, eps, kernels):
     """Phase one of STAM's step: per tensor, whether g is finite and its new statistics; changes nothing.
 
-    Returns ``(finite, statistics)``: ``finite`` one 0-d bool per gradient,
-    ``statistics`` per tensor ``(variance, scale, beta1, beta1_product, step,
-    step_size, bias_correction2)`` as 0-d tensors, for ``stam_update``.
+    Returns ``(finite, statistics)``: ``finite`` 0-d bools, all True when every
+    gradient is finite; ``statistics`` the new ``(variance, scale, beta1,
+    beta1_product, step, step_size, bias_correction2)`` for ``stam_update``,
+    per tensor as 0-d tensors, or with ``kernels="cpu"`` each as one vector
+    over the group's tensors.
     """
     # Complements are taken in Python's float64: 1 - b2 in float32 would be off by 1e-5.
     scalars = scalar_tensors(lr=lr, b1_base=b1_base, b2=b2, one_minus_b2=1 - b2, log_b2=math.log(b2),
                              adapt_strength=adapt_strength, tau_decay=tau_decay, one_minus_tau_decay=1 - tau_decay,
                              eps=eps)
+    mus = [state["exp_avg"] for state in states]
+    if kernels == "cpu":
+        sums = torch.empty(len(grads), 2, dtype=torch.float64)
+        _cpu_kernels.run("stam_moments", [grads, mus], [sums])
+        means = (sums / torch.tensor([[grad.numel()] for grad in grads], dtype=torch.float64)).float()
+        saved = _cpu_kernels.gather([state[key] for key in _STATE_INPUTS for state in states])
+        return [sums.isfinite().all()], _stam_rule(
+            means[:, 0], means[:, 1], **dict(zip(_STATE_INPUTS, saved.view(len(_STATE_INPUTS), -1))),
+            **scalars(grads[0].device, torch.float32))
     return _stam_statistics_kernel.map_statistics(
-        fused, [(grad, state["exp_avg"]) for grad, state in zip(grads, states)],
-        [dict(variance=state["variance"], scale=state["scale"], beta1_product=state["beta1_product"],
-              step=state["step"], **scalars(state["exp_avg"].device, state["exp_avg"].dtype)) for state in states])
+        kernels == "compiled", [(grad, mu) for grad, mu in zip(grads, mus)],
+        [dict({key: state[key] for key in _STATE_INPUTS}, **scalars(state["exp_avg"].device, state["exp_avg"].dtype))
+         for state in states])
 
 
-def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps, fused):
+def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps, kernels):
     r"""Phase two of STAM's step (seed 002, "Core Update Rules"): the state and the parameters, in place.
 
     Per tensor, at step t, with gradient g::
@@ -76,14 +95,24 @@ def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps,
     Non-finite var_t or tau_t: beta1 = b1_base and both keep their old values.
     ``statistics`` come from ``stam_statistics`` (the first three lines and the
     step's coefficients, from one read of g and mu); here each tensor is one
-    pass updating mu, nu and p (compiled with ``fused``, else op by op). The
-    tensor statistics stay on the device as 0-d tensors (no host sync).
+    pass updating mu, nu and p. ``kernels``: ``"cpu"`` runs the group's
+    float32 CPU tensors as one call of the C kernels in ``_cpu_kernels.c``,
+    ``"compiled"`` each tensor compiled, ``"op_by_op"`` eagerly. The tensor
+    statistics stay on the device (no host sync).
     Low-precision parameters are computed in float32 and stored back.
     """
+    mus, nus = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+    if kernels == "cpu":
+        _cpu_kernels.scatter([state[key] for key in _TENSOR_STATISTICS for state in states],
+                             torch.stack(statistics[:len(_TENSOR_STATISTICS)]))
+        _, _, beta1, _, _, step_size, bias_correction2 = statistics
+        _cpu_kernels.run("stam_step", [params, grads, mus, nus], [beta1, step_size, bias_correction2],
+                         [1 - lr * weight_decay, b2, 1 - b2, eps])
+        return
     scalars = scalar_tensors(decay=1 - lr * weight_decay, b2=b2, one_minus_b2=1 - b2, eps=eps)
     store_tensor_statistics(states, _TENSOR_STATISTICS, statistics)
-    _stam_kernel.map(fused, [(param, grad, state["exp_avg"], state["exp_avg_sq"])
-                             for param, grad, state in zip(params, grads, states)],
+    _stam_kernel.map(kernels == "compiled",
+                     [(param, grad, mu, nu) for param, grad, mu, nu in zip(params, grads, mus, nus)],
                      [dict(beta1=beta1, step_size=step_size, bias_correction2=bias_correction2,
                            **scalars(state["exp_avg"].device, state["exp_avg"].dtype))
                       for state, (_, _, beta1, _, _, step_size, bias_correction2) in zip(states, statistics)])
@@ -145,13 +174,16 @@ class STAM(SkipNonfiniteOptimizer):
 
     def _prepare_group(self, group, params, grads):
         states = self._states(group, params)
+        moments = [[state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]]
+        kernels = _cpu_kernels.choose(self.fused, [params, grads, *moments],
+                                      [state[key] for key in _TENSOR_STATISTICS for state in states])
         finite, statistics = stam_statistics(
             grads, states, lr=group["lr"], b1_base=group["b1_base"], b2=group["b2"],
-            adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"], fused=self.fused)
-        return finite, (states, statistics)
+            adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"], kernels=kernels)
+        return finite, (states, kernels, statistics)
 
     def _update_group(self, group, params, grads, statistics):
-        states, statistics = statistics
+        states, kernels, statistics = statistics
         self._store_states(params, states)
         stam_update(params, grads, states, statistics, lr=group["lr"], b2=group["b2"],
-                    weight_decay=group["weight_decay"], eps=group["eps"], fused=self.fused)
+                    weight_decay=group["weight_decay"], eps=group["eps"], kernels=kernels)

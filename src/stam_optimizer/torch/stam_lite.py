@@ -4,18 +4,18 @@ import math
 
 import torch
 
+from stac_optimizer import _cpu_kernels
 from stac_optimizer._torch_common import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
                                           store_tensor_statistics)
 
 
-def _stam_lite_statistics(grad, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
-                          adapt_strength, moment_decay, one_minus_moment_decay, log_moment_decay,
-                          beta1_update_interval, eps, mean):
-    # One read of g; every per-tensor number the update needs, none of the state changed.
-    g = grad.to(grad_mean.dtype)
+def _stam_lite_rule(g_mean, g_sq_mean, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
+                    adapt_strength, moment_decay, one_minus_moment_decay, log_moment_decay, beta1_update_interval, eps):
+    # The new per-tensor numbers from this step's mean(g) and mean(g^2). Elementwise: it serves one tensor (0-d
+    # numbers) or a whole group at once (one value per tensor).
     new_step = step + 1
-    new_mean = moment_decay * grad_mean + one_minus_moment_decay * mean(g)
-    new_sq_mean = moment_decay * grad_sq_mean + one_minus_moment_decay * mean(g.square())
+    new_mean = moment_decay * grad_mean + one_minus_moment_decay * g_mean
+    new_sq_mean = moment_decay * grad_sq_mean + one_minus_moment_decay * g_sq_mean
     finite = new_mean.isfinite() & new_sq_mean.isfinite()
     new_mean = torch.where(finite, new_mean, grad_mean)
     new_sq_mean = torch.where(finite, new_sq_mean, grad_sq_mean)
@@ -25,8 +25,13 @@ def _stam_lite_statistics(grad, *, grad_mean, grad_sq_mean, beta1, beta1_product
     new_beta1 = torch.where(finite, torch.where(refresh, adapted, beta1), b1_base)
     new_beta1_product = beta1_product * new_beta1
     rms = (new_sq_mean / -torch.expm1(new_step * log_moment_decay)).sqrt() + eps  # 1 - moment_decay^t
-    return (torch.isfinite(grad).all(), new_mean, new_sq_mean, new_beta1, new_beta1_product, new_step,
-            lr / ((1 - new_beta1_product) * rms))
+    return new_mean, new_sq_mean, new_beta1, new_beta1_product, new_step, lr / ((1 - new_beta1_product) * rms)
+
+
+def _stam_lite_statistics(grad, *, mean, **numbers):
+    # One read of g; every per-tensor number the update needs, none of the state changed.
+    g = grad.to(numbers["grad_mean"].dtype)
+    return torch.isfinite(grad).all(), *_stam_lite_rule(mean(g), mean(g.square()), **numbers)
 
 
 def _stam_lite_tensor_step(param, grad, mu, *, beta1, step_size, decay):
@@ -43,24 +48,34 @@ _TENSOR_STATISTICS = ("grad_mean", "grad_sq_mean", "beta1", "beta1_product", "st
 
 
 def stam_lite_statistics(grads, states, *, lr, b1_base, adapt_strength, moment_decay, beta1_update_interval, eps,
-                         fused):
+                         kernels):
     """Phase one of STAMLite's step: per tensor, whether g is finite and its new statistics; changes nothing.
 
-    Returns ``(finite, statistics)``: ``finite`` one 0-d bool per gradient,
-    ``statistics`` per tensor ``(grad_mean, grad_sq_mean, beta1,
-    beta1_product, step, step_size)`` as 0-d tensors, for ``stam_lite_update``.
+    Returns ``(finite, statistics)``: ``finite`` 0-d bools, all True when every
+    gradient is finite; ``statistics`` the new ``(grad_mean, grad_sq_mean,
+    beta1, beta1_product, step, step_size)`` for ``stam_lite_update``, per
+    tensor as 0-d tensors, or with ``kernels="cpu"`` each as one vector over
+    the group's tensors.
     """
     # Complements are taken in Python's float64: 1 - 0.99 in float32 would be off by 1e-6.
     scalars = scalar_tensors(lr=lr, b1_base=b1_base, adapt_strength=adapt_strength, moment_decay=moment_decay,
                              one_minus_moment_decay=1 - moment_decay, log_moment_decay=math.log(moment_decay),
                              beta1_update_interval=beta1_update_interval, eps=eps)
+    if kernels == "cpu":
+        sums = torch.empty(len(grads), 2, dtype=torch.float64)
+        _cpu_kernels.run("stam_lite_moments", [grads], [sums])
+        means = (sums / torch.tensor([[grad.numel()] for grad in grads], dtype=torch.float64)).float()
+        saved = _cpu_kernels.gather([state[key] for key in _TENSOR_STATISTICS for state in states])
+        return [sums.isfinite().all()], _stam_lite_rule(
+            means[:, 0], means[:, 1], **dict(zip(_TENSOR_STATISTICS, saved.view(len(_TENSOR_STATISTICS), -1))),
+            **scalars(grads[0].device, torch.float32))
     return _stam_lite_statistics_kernel.map_statistics(
-        fused, [(grad,) for grad in grads],
+        kernels == "compiled", [(grad,) for grad in grads],
         [dict({key: state[key] for key in _TENSOR_STATISTICS}, **scalars(state["step"].device, state["step"].dtype))
          for state in states])
 
 
-def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, fused):
+def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, kernels):
     r"""Phase two of STAMLite's step (seed 002, "STAMLite Approximation"): the state and the parameters, in place.
 
     Per tensor, at step t, with gradient g and k = beta1_update_interval::
@@ -75,12 +90,21 @@ def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, fus
 
     Non-finite moments: beta1 = b1_base and the moments keep their old values.
     ``statistics`` come from ``stam_lite_statistics`` (everything but mu_t
-    and p, from one read of g); here each tensor is one pass updating mu and p
-    (compiled with ``fused``, else op by op).
+    and p, from one read of g); here each tensor is one pass updating mu and
+    p. ``kernels``: ``"cpu"`` runs the group's float32 CPU tensors as one call
+    of the C kernels in ``_cpu_kernels.c``, ``"compiled"`` each tensor
+    compiled, ``"op_by_op"`` eagerly.
     """
+    mus = [state["exp_avg"] for state in states]
+    if kernels == "cpu":
+        _cpu_kernels.scatter([state[key] for key in _TENSOR_STATISTICS for state in states],
+                             torch.stack(statistics[:len(_TENSOR_STATISTICS)]))
+        _, _, beta1, _, _, step_size = statistics
+        _cpu_kernels.run("stam_lite_step", [params, grads, mus], [beta1, step_size], [1 - lr * weight_decay])
+        return
     scalars = scalar_tensors(decay=1 - lr * weight_decay)
     store_tensor_statistics(states, _TENSOR_STATISTICS, statistics)
-    _stam_lite_kernel.map(fused, [(param, grad, state["exp_avg"]) for param, grad, state in zip(params, grads, states)],
+    _stam_lite_kernel.map(kernels == "compiled", [(param, grad, mu) for param, grad, mu in zip(params, grads, mus)],
                           [dict(beta1=beta1, step_size=step_size, **scalars(step_size.device, step_size.dtype))
                            for _, _, beta1, _, _, step_size in statistics])
 
@@ -139,14 +163,16 @@ class STAMLite(SkipNonfiniteOptimizer):
 
     def _prepare_group(self, group, params, grads):
         states = self._states(group, params)
+        kernels = _cpu_kernels.choose(self.fused, [params, grads, [state["exp_avg"] for state in states]],
+                                      [state[key] for key in _TENSOR_STATISTICS for state in states])
         finite, statistics = stam_lite_statistics(
             grads, states, lr=group["lr"], b1_base=group["b1_base"], adapt_strength=group["adapt_strength"],
             moment_decay=group["moment_decay"], beta1_update_interval=group["beta1_update_interval"],
-            eps=group["eps"], fused=self.fused)
-        return finite, (states, statistics)
+            eps=group["eps"], kernels=kernels)
+        return finite, (states, kernels, statistics)
 
     def _update_group(self, group, params, grads, statistics):
-        states, statistics = statistics
+        states, kernels, statistics = statistics
         self._store_states(params, states)
         stam_lite_update(params, grads, states, statistics, lr=group["lr"], weight_decay=group["weight_decay"],
-                         fused=self.fused)
+                         kernels=kernels)
