@@ -24,6 +24,7 @@ typedef struct {
 static chunk_t *make_chunks(int n, const int64_t *numels, int64_t *count) {
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += (numels[i] + CHUNK - 1) / CHUNK;
+    *count = total;
     chunk_t *chunks = malloc(sizeof(chunk_t) * (total ? total : 1));
     if (!chunks) return NULL;
     int64_t c = 0;
@@ -33,31 +34,44 @@ static chunk_t *make_chunks(int n, const int64_t *numels, int64_t *count) {
             chunks[c].start = start;
             chunks[c].stop = start + CHUNK < numels[i] ? start + CHUNK : numels[i];
         }
-    *count = total;
     return chunks;
 }
 
-/* sums[2 i], sums[2 i + 1] = the two per-chunk partial sums of tensor i, added in chunk order. */
-static void add_partials(int n, const chunk_t *chunks, int64_t count, const double *partial, double *sums) {
+/* A statistics read: its chunks and two partial sums per chunk, added per tensor once every chunk is read. */
+typedef struct {
+    chunk_t *chunks;
+    int64_t count;
+    double *partial;
+} moments_t;
+
+static int start_moments(int n, const int64_t *numels, moments_t *moments) {
+    moments->chunks = make_chunks(n, numels, &moments->count);
+    moments->partial = malloc(sizeof(double) * 2 * (moments->count ? moments->count : 1));
+    if (moments->chunks && moments->partial) return 0;
+    free(moments->chunks);
+    free(moments->partial);
+    return -1;
+}
+
+/* sums[2 i], sums[2 i + 1] = tensor i's two partial sums, added in chunk order; frees the read's memory. */
+static void finish_moments(int n, moments_t *moments, double *sums) {
     for (int i = 0; i < 2 * n; i++) sums[i] = 0.0;
-    for (int64_t c = 0; c < count; c++) {
-        sums[2 * chunks[c].tensor] += partial[2 * c];
-        sums[2 * chunks[c].tensor + 1] += partial[2 * c + 1];
+    for (int64_t c = 0; c < moments->count; c++) {
+        sums[2 * moments->chunks[c].tensor] += moments->partial[2 * c];
+        sums[2 * moments->chunks[c].tensor + 1] += moments->partial[2 * c + 1];
     }
+    free(moments->partial);
+    free(moments->chunks);
 }
 
 /* STAMLite's statistics read: sums[2 i] = sum(g), sums[2 i + 1] = sum(g^2) of tensor i. */
 int stam_lite_moments(int n, const int64_t *numels, float *const *grads, double *sums, int threads) {
-    int64_t count;
-    chunk_t *chunks = make_chunks(n, numels, &count);
-    double *partial = malloc(sizeof(double) * 2 * (count ? count : 1));
-    if (!chunks || !partial) {
-        free(chunks);
-        free(partial);
-        return -1;
-    }
+    moments_t moments;
+    if (start_moments(n, numels, &moments)) return -1;
+    const chunk_t *chunks = moments.chunks;
+    double *partial = moments.partial;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t c = 0; c < count; c++) {
+    for (int64_t c = 0; c < moments.count; c++) {
         const float *g = grads[chunks[c].tensor];
         double sum = 0.0, sum_sq = 0.0;
 #pragma omp simd reduction(+ : sum, sum_sq)
@@ -69,9 +83,7 @@ int stam_lite_moments(int n, const int64_t *numels, float *const *grads, double 
         partial[2 * c] = sum;
         partial[2 * c + 1] = sum_sq;
     }
-    add_partials(n, chunks, count, partial, sums);
-    free(partial);
-    free(chunks);
+    finish_moments(n, &moments, sums);
     return 0;
 }
 
@@ -101,16 +113,12 @@ int stam_lite_step(int n, const int64_t *numels, float *const *params, float *co
 /* STAM's statistics read, r = g - mu (in double: finite whenever g and mu are): sums[2 i] = sum(r^2),
    sums[2 i + 1] = sum(|r|) of tensor i. */
 int stam_moments(int n, const int64_t *numels, float *const *grads, float *const *mus, double *sums, int threads) {
-    int64_t count;
-    chunk_t *chunks = make_chunks(n, numels, &count);
-    double *partial = malloc(sizeof(double) * 2 * (count ? count : 1));
-    if (!chunks || !partial) {
-        free(chunks);
-        free(partial);
-        return -1;
-    }
+    moments_t moments;
+    if (start_moments(n, numels, &moments)) return -1;
+    const chunk_t *chunks = moments.chunks;
+    double *partial = moments.partial;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t c = 0; c < count; c++) {
+    for (int64_t c = 0; c < moments.count; c++) {
         const float *g = grads[chunks[c].tensor], *mu = mus[chunks[c].tensor];
         double sum_sq = 0.0, sum_abs = 0.0;
 #pragma omp simd reduction(+ : sum_sq, sum_abs)
@@ -122,9 +130,7 @@ int stam_moments(int n, const int64_t *numels, float *const *grads, float *const
         partial[2 * c] = sum_sq;
         partial[2 * c + 1] = sum_abs;
     }
-    add_partials(n, chunks, count, partial, sums);
-    free(partial);
-    free(chunks);
+    finish_moments(n, &moments, sums);
     return 0;
 }
 

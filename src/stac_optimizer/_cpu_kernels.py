@@ -104,3 +104,21 @@ def gather(scalars):
 def scatter(scalars, values):
     """``scalars[i].copy_(values[i])`` for the float32 0-d tensors ``scalars``, in one call."""
     run("scatter_scalars", [scalars], [values.to(torch.float32).contiguous()])
+
+
+def group_statistics(moments, tensor_lists, rule, states, saved_keys, scalars):
+    """Phase one of a step for a whole group, changing nothing: the C kernel ``moments`` sums two numbers per
+    tensor (in float64: finite exactly when every value read is); their means and each tensor's saved 0-d
+    numbers ``saved_keys`` go through ``rule(mean_a, mean_b, **saved, **scalars)`` once, as vectors.
+    Returns ``([finite], rule's vectors)``."""
+    sums = torch.empty(len(tensor_lists[0]), 2, dtype=torch.float64)
+    run(moments, tensor_lists, [sums])
+    means = (sums / torch.tensor([[t.numel()] for t in tensor_lists[0]], dtype=torch.float64)).float()
+    saved = gather([state[key] for key in saved_keys for state in states]).view(len(saved_keys), -1)
+    return [sums.isfinite().all()], rule(means[:, 0], means[:, 1], **dict(zip(saved_keys, saved)), **scalars)
+
+
+def store_statistics(states, keys, statistics):
+    """Copy the first ``len(keys)`` vectors of ``statistics`` (one value per tensor) into each tensor's 0-d
+    state entries ``keys``, in one call."""
+    scatter([state[key] for key in keys for state in states], torch.stack(statistics[:len(keys)]))

@@ -66,13 +66,8 @@ def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay
                              eps=eps)
     mus = [state["exp_avg"] for state in states]
     if kernels == "cpu":
-        sums = torch.empty(len(grads), 2, dtype=torch.float64)
-        _cpu_kernels.run("stam_moments", [grads, mus], [sums])
-        means = (sums / torch.tensor([[grad.numel()] for grad in grads], dtype=torch.float64)).float()
-        saved = _cpu_kernels.gather([state[key] for key in _STATE_INPUTS for state in states])
-        return [sums.isfinite().all()], _stam_rule(
-            means[:, 0], means[:, 1], **dict(zip(_STATE_INPUTS, saved.view(len(_STATE_INPUTS), -1))),
-            **scalars(grads[0].device, torch.float32))
+        return _cpu_kernels.group_statistics("stam_moments", [grads, mus], _stam_rule, states, _STATE_INPUTS,
+                                             scalars(grads[0].device, torch.float32))
     return _stam_statistics_kernel.map_statistics(
         kernels == "compiled", [(grad, mu) for grad, mu in zip(grads, mus)],
         [dict({key: state[key] for key in _STATE_INPUTS}, **scalars(state["exp_avg"].device, state["exp_avg"].dtype))
@@ -103,8 +98,7 @@ def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps,
     """
     mus, nus = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
     if kernels == "cpu":
-        _cpu_kernels.scatter([state[key] for key in _TENSOR_STATISTICS for state in states],
-                             torch.stack(statistics[:len(_TENSOR_STATISTICS)]))
+        _cpu_kernels.store_statistics(states, _TENSOR_STATISTICS, statistics)
         _, _, beta1, _, _, step_size, bias_correction2 = statistics
         _cpu_kernels.run("stam_step", [params, grads, mus, nus], [beta1, step_size, bias_correction2],
                          [1 - lr * weight_decay, b2, 1 - b2, eps])

@@ -62,13 +62,8 @@ def stam_lite_statistics(grads, states, *, lr, b1_base, adapt_strength, moment_d
                              one_minus_moment_decay=1 - moment_decay, log_moment_decay=math.log(moment_decay),
                              beta1_update_interval=beta1_update_interval, eps=eps)
     if kernels == "cpu":
-        sums = torch.empty(len(grads), 2, dtype=torch.float64)
-        _cpu_kernels.run("stam_lite_moments", [grads], [sums])
-        means = (sums / torch.tensor([[grad.numel()] for grad in grads], dtype=torch.float64)).float()
-        saved = _cpu_kernels.gather([state[key] for key in _TENSOR_STATISTICS for state in states])
-        return [sums.isfinite().all()], _stam_lite_rule(
-            means[:, 0], means[:, 1], **dict(zip(_TENSOR_STATISTICS, saved.view(len(_TENSOR_STATISTICS), -1))),
-            **scalars(grads[0].device, torch.float32))
+        return _cpu_kernels.group_statistics("stam_lite_moments", [grads], _stam_lite_rule, states,
+                                             _TENSOR_STATISTICS, scalars(grads[0].device, torch.float32))
     return _stam_lite_statistics_kernel.map_statistics(
         kernels == "compiled", [(grad,) for grad in grads],
         [dict({key: state[key] for key in _TENSOR_STATISTICS}, **scalars(state["step"].device, state["step"].dtype))
@@ -97,8 +92,7 @@ def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, ker
     """
     mus = [state["exp_avg"] for state in states]
     if kernels == "cpu":
-        _cpu_kernels.scatter([state[key] for key in _TENSOR_STATISTICS for state in states],
-                             torch.stack(statistics[:len(_TENSOR_STATISTICS)]))
+        _cpu_kernels.store_statistics(states, _TENSOR_STATISTICS, statistics)
         _, _, beta1, _, _, step_size = statistics
         _cpu_kernels.run("stam_lite_step", [params, grads, mus], [beta1, step_size], [1 - lr * weight_decay])
         return
