@@ -14,6 +14,7 @@ _JAX_EXPORTS = {
     "STAMLite": "stam_optimizer.jax.stam_lite",
     "stam_lite": "stam_optimizer.jax.stam_lite",
     "STAMLiteState": "stam_optimizer.jax.stam_lite",
+    "per_tensor": "stam_optimizer.jax._common",
 }
 
 __all__ = list(_JAX_EXPORTS)

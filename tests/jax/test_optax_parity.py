@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from stam_optimizer import stam, stam_lite
+import reference
+from stam_optimizer import per_tensor, stam, stam_lite
 
 # name -> factory(learning_rate, **hyperparameters) of an optax GradientTransformation.
 OPTIMIZERS_UNDER_TEST = {
@@ -21,6 +22,13 @@ OPTIMIZERS_UNDER_TEST = {
     "stam_lite": functools.partial(stam_lite, beta1_update_interval=2),
 }
 NAMES = sorted(OPTIMIZERS_UNDER_TEST)
+# name -> (float64 reference step of one tensor, the tensor-level state fields it keeps, the hyperparameters
+# that keep every state in float64).
+REFERENCES = {
+    "stam": (reference.stam_step, ("variance", "scale", "beta1", "beta1_product"), {}),
+    "stam_lite": (functools.partial(reference.stam_lite_step, beta1_update_interval=2),
+                  ("grad_mean", "grad_sq_mean", "beta1", "beta1_product"), {"state_dtype": jnp.float64}),
+}
 
 
 def make(name, **hyperparameters):
@@ -160,6 +168,33 @@ def test_an_empty_leaf_is_not_a_nonfinite_gradient(name):
     assert int(state.nonfinite_skipped_steps) == 0
     assert bool(jnp.all(updates["dense"]["kernel"] != 0))
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_tensor_keeps_its_own_statistics_whatever_its_size_and_place_in_the_tree(name):
+    # Small tensors are summed stacked by size and put back in tree order; a large one is summed alone.
+    shapes = {"large": (300, 256), "b": (7,), "c": (3, 5), "d": (7,), "e": (15,), "f": ()}
+    with jax.enable_x64(True):
+        params = {key: jnp.cos(jnp.arange(np.prod(shape), dtype=jnp.float64).reshape(shape) * (i + 1))
+                  for i, (key, shape) in enumerate(shapes.items())}
+        reference_step, fields, float64_state = REFERENCES[name]
+        reference_params = {key: np.asarray(value) for key, value in params.items()}
+        reference_states = {key: {} for key in params}
+        optimizer = make(name, **float64_state)
+        state = optimizer.init(params)
+        for step in range(3):
+            grads = grads_at(step, params)
+            updates, state = jax.jit(optimizer.update)(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            for key in params:
+                reference_params[key] = reference_step(reference_params[key], np.asarray(grads[key]),
+                                                       reference_states[key], lr=1e-2)
+        inner = state.inner_state[0]
+        for key in params:
+            np.testing.assert_allclose(params[key], reference_params[key], rtol=1e-12, atol=1e-14)
+            for field in fields:
+                np.testing.assert_allclose(per_tensor(getattr(inner, field), params)[key],
+                                           reference_states[key][field], rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", NAMES)

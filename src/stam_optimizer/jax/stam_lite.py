@@ -6,53 +6,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stam_optimizer.jax._common import (SeedOptimizer, check_range, gradients_finite, scalar_dtype,
-                                        skip_nonfinite_steps)
+from stam_optimizer.jax._common import (SeedOptimizer, check_range, gradients_finite, per_tensor_means,
+                                        per_tensor_vector, skip_nonfinite_steps)
 
 
 class STAMLiteState(NamedTuple):
-    """State of ``scale_by_stam_lite``; every field but ``count`` is a pytree like the parameters."""
+    """State of ``scale_by_stam_lite``. ``mu`` is a pytree like the parameters; the tensor-level fields are
+    vectors with one entry per parameter tensor, in ``jax.tree.leaves(params)`` order (see
+    ``per_tensor_vector``)."""
 
     count: jax.Array  # int32, steps taken
     mu: optax.Updates  # first moment, stored in state_dtype
-    grad_mean: optax.Updates  # per tensor (0-d): EMA of mean(g)
-    grad_sq_mean: optax.Updates  # per tensor (0-d): EMA of mean(g^2)
-    beta1: optax.Updates  # per tensor (0-d): the beta1 in use (recomputed every beta1_update_interval steps)
-    beta1_product: optax.Updates  # per tensor (0-d): product of every beta1 used, for bias correction
-
-
-def _gradient_moments(grad, stat_dtype):
-    """mean(g) and mean(g^2) of one tensor: the read before STAMLite's update."""
-    g = grad.astype(stat_dtype)
-    return jnp.mean(g), jnp.mean(jnp.square(g))
-
-
-def _stam_lite_leaf(grad, mu, grad_mean, grad_sq_mean, beta1, beta1_product, moments, count, finite, *, b1_base,
-                    adapt_strength, moment_decay, beta1_update_interval, eps):
-    """One tensor's STAMLite direction and new state (see ``scale_by_stam_lite``); with ``finite`` False, the
-    old state."""
-    stat_dtype = grad_mean.dtype
-    g = grad.astype(stat_dtype)
-    mean, square_mean = moments  # the statistics of a skipped step are dropped below
-    new_mean = moment_decay * grad_mean + (1 - moment_decay) * mean
-    new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * square_mean
-    moments_finite = jnp.isfinite(new_mean) & jnp.isfinite(new_sq_mean)
-    keep = finite & moments_finite
-    grad_mean = jnp.where(keep, new_mean, grad_mean)
-    grad_sq_mean = jnp.where(keep, new_sq_mean, grad_sq_mean)
-    z = jnp.maximum(grad_sq_mean - jnp.square(grad_mean), 0) / (grad_sq_mean + eps)
-    adapted = jnp.clip(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
-    refresh = (count - 1) % beta1_update_interval == 0
-    beta1 = jnp.where(finite, jnp.where(moments_finite, jnp.where(refresh, adapted, beta1), b1_base),
-                      beta1).astype(stat_dtype)
-    # A skipped step is taken with g = 0 and beta1 = 1, which leaves mu exactly as it was.
-    beta1_step = jnp.where(finite, beta1, 1).astype(stat_dtype)
-
-    mu_full = beta1_step * mu.astype(stat_dtype) + (1 - beta1_step) * jnp.where(finite, g, 0)
-    beta1_product = beta1_product * beta1_step
-    rms = jnp.sqrt(grad_sq_mean / (1 - moment_decay ** count.astype(stat_dtype))) + eps
-    direction = (mu_full / (1 - beta1_product) / rms).astype(grad.dtype)
-    return direction, mu_full.astype(mu.dtype), grad_mean, grad_sq_mean, beta1, beta1_product
+    grad_mean: jax.Array  # per tensor: EMA of mean(g)
+    grad_sq_mean: jax.Array  # per tensor: EMA of mean(g^2)
+    beta1: jax.Array  # per tensor: the beta1 in use (recomputed every beta1_update_interval steps)
+    beta1_product: jax.Array  # per tensor: product of every beta1 used, for bias correction
 
 
 def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1_update_interval=5,
@@ -71,7 +39,8 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
 
     No per-parameter second moment: the denominator is one number per tensor.
     If the moments are not finite, beta1 falls back to b1_base and they keep
-    their previous values. ``update`` returns ``(direction, state, finite)``:
+    their previous values. The tensor-level rule runs once over vectors of all
+    tensors' statistics. ``update`` returns ``(direction, state, finite)``:
     ``finite`` is False when a gradient holds NaN or Inf (judged from the
     moments' means, see ``gradients_finite``), and then the state is returned
     exactly as it was, without a ``lax.cond``: see ``skip_nonfinite_steps``.
@@ -81,26 +50,49 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
         return STAMLiteState(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=state_dtype), params),  # keeps p's sharding
-            grad_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params),
-            grad_sq_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params),
-            beta1=jax.tree.map(lambda p: jnp.full([], b1_base, scalar_dtype(p)), params),
-            beta1_product=jax.tree.map(lambda p: jnp.ones([], scalar_dtype(p)), params),
+            grad_mean=per_tensor_vector(params, 0),
+            grad_sq_mean=per_tensor_vector(params, 0),
+            beta1=per_tensor_vector(params, b1_base),
+            beta1_product=per_tensor_vector(params, 1),
         )
 
     def update(updates, state, params=None):
         del params
-        moments = jax.tree.map(lambda g, mean: _gradient_moments(g, mean.dtype), updates, state.grad_mean)
-        finite = gradients_finite(updates, moments)
+        grads, treedef = jax.tree.flatten(updates)
+        stat_dtype = state.grad_mean.dtype
+        mean = per_tensor_means(grads, stat_dtype)
+        square_mean = per_tensor_means([jnp.square(g.astype(stat_dtype)) for g in grads], stat_dtype)
+        finite = gradients_finite(updates, (mean, square_mean))
         count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-        leaf = lambda g, mu, mean, sq_mean, beta1, prod, moments: _stam_lite_leaf(  # noqa: E731
-            g, mu, mean, sq_mean, beta1, prod, moments, count, finite, b1_base=b1_base,
-            adapt_strength=adapt_strength, moment_decay=moment_decay, beta1_update_interval=beta1_update_interval,
-            eps=eps)
-        per_leaf = jax.tree.map(leaf, updates, state.mu, state.grad_mean, state.grad_sq_mean, state.beta1,
-                                state.beta1_product, moments)
-        direction, mu, grad_mean, grad_sq_mean, beta1, beta1_product = (
-            jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(6))
-        return direction, STAMLiteState(count, mu, grad_mean, grad_sq_mean, beta1, beta1_product), finite
+
+        # The statistics of a skipped step are dropped.
+        new_mean = moment_decay * state.grad_mean + (1 - moment_decay) * mean
+        new_sq_mean = moment_decay * state.grad_sq_mean + (1 - moment_decay) * square_mean
+        moments_finite = jnp.isfinite(new_mean) & jnp.isfinite(new_sq_mean)
+        keep = finite & moments_finite
+        grad_mean = jnp.where(keep, new_mean, state.grad_mean)
+        grad_sq_mean = jnp.where(keep, new_sq_mean, state.grad_sq_mean)
+        z = jnp.maximum(grad_sq_mean - jnp.square(grad_mean), 0) / (grad_sq_mean + eps)
+        adapted = jnp.clip(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
+        refresh = (count - 1) % beta1_update_interval == 0
+        beta1 = jnp.where(finite, jnp.where(moments_finite, jnp.where(refresh, adapted, state.beta1), b1_base),
+                          state.beta1).astype(stat_dtype)
+        # A skipped step is taken with g = 0 and beta1 = 1, which leaves mu exactly as it was.
+        beta1_step = jnp.where(finite, beta1, 1).astype(stat_dtype)
+        beta1_product = state.beta1_product * beta1_step
+        # XLA divides a tensor by a scalar as a multiply by its reciprocal; taken here, the reciprocals are
+        # two vector operations, not two kernels per tensor.
+        inverse_correction = 1 / (1 - beta1_product)
+        inverse_rms = 1 / (jnp.sqrt(grad_sq_mean / (1 - moment_decay ** count.astype(stat_dtype))) + eps)
+
+        directions, mus = [], []
+        for i, (grad, mu) in enumerate(zip(grads, treedef.flatten_up_to(state.mu))):
+            mu_full = beta1_step[i] * mu.astype(stat_dtype) + (1 - beta1_step[i]) * jnp.where(
+                finite, grad.astype(stat_dtype), 0)
+            directions.append((mu_full * inverse_correction[i] * inverse_rms[i]).astype(grad.dtype))
+            mus.append(mu_full.astype(mu.dtype))
+        state = STAMLiteState(count, treedef.unflatten(mus), grad_mean, grad_sq_mean, beta1, beta1_product)
+        return treedef.unflatten(directions), state, finite
 
     return optax.GradientTransformation(init, update)
 
