@@ -37,11 +37,12 @@ def per_tensor_vector(params, value):
     STAM and STAMLite keep their tensor-level statistics this way, not as a
     0-d array per leaf: the tensor-level rule then runs as a few vector
     operations, where per leaf it was about ten scalar kernels (launched every
-    step, compiled once each). On the benchmark's 195-tensor stack this took
-    STAM's step from 1.79x to 1.37x ``optax.adamw``'s and STAMLite's from 1.36x
-    to 0.78x, and their compile time from 8.5x to 6.4x and 6.4x to 4.8x. What
-    compile time is left is mostly each tensor's update kernel: it reads its
-    own entry of these vectors, so XLA compiles it for that tensor alone. The
+    step, compiled once each). On the benchmark's 195-tensor stack (runs at
+    87c93a5 and 0a2e196) this took STAM's step from 1.79x to 1.45x
+    ``optax.adamw``'s and STAMLite's from 1.36x to 0.91x, and their compile
+    time from 8.5x to 4.2x and 6.4x to 4.4x. What compile time is left is
+    mostly each tensor's update kernel: it reads its own entry of these
+    vectors, so XLA compiles it for that tensor alone. The
     dtype is the widest of the leaves' ``scalar_dtype``; ``per_tensor`` maps a
     vector back onto the parameters' tree.
     """
