@@ -161,15 +161,3 @@ int stam_step(int n, const int64_t *numels, float *const *params, float *const *
     free(chunks);
     return 0;
 }
-
-/* values[i] = *sources[i]: n float32 scalars (0-d tensors) gathered into one vector. */
-int gather_scalars(int n, const int64_t *numels, float *const *sources, float *values, int threads) {
-    for (int i = 0; i < n; i++) values[i] = *sources[i];
-    return 0;
-}
-
-/* *destinations[i] = values[i]: one vector scattered into n float32 scalars (0-d tensors). */
-int scatter_scalars(int n, const int64_t *numels, float *const *destinations, const float *values, int threads) {
-    for (int i = 0; i < n; i++) *destinations[i] = values[i];
-    return 0;
-}

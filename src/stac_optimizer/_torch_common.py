@@ -274,15 +274,13 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("fused", True)
 
     def _params_with_grads(self, group):
-        params, grads = [], []
-        names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
-        for param, name in zip(group["params"], names):
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name!r})")
-            params.append(param)
-            grads.append(param.grad)
+        params = [param for param in group["params"] if param.grad is not None]
+        grads = [param.grad for param in params]
+        if any(grad.is_sparse for grad in grads):
+            names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+            name = next(name for param, name in zip(group["params"], names)
+                        if param.grad is not None and param.grad.is_sparse)
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name!r})")
         return params, grads
 
     @torch.no_grad()
@@ -314,8 +312,8 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
     def _states(self, group, params):
         """Each parameter's state; a parameter without one gets ``_initial_state(group, param)``, kept by
         ``_store_states`` once the step lands (a skipped first step leaves the state empty)."""
-        return [self.state[param] if self.state.get(param) else self._initial_state(group, param)
-                for param in params]
+        get = self.state.get
+        return [state if (state := get(param)) else self._initial_state(group, param) for param in params]
 
     def _initial_state(self, group, param):
         raise NotImplementedError

@@ -16,7 +16,7 @@ SIZES = (0, 1, 7, 16383, 16384, 16385, 40000)
 
 @pytest.fixture(autouse=True)
 def library():
-    if _cpu_kernels.choose(True, [[torch.zeros(1)]], []) != "cpu":
+    if _cpu_kernels._load() is None:
         pytest.skip("no C compiler to build the CPU kernels")
 
 
@@ -96,21 +96,58 @@ def test_the_sums_are_finite_exactly_when_every_value_is():
         assert not moments("stam_moments", [grad], [torch.zeros(40000)]).isfinite().all(), bad
 
 
-def test_gather_and_scatter_move_0d_numbers_to_and_from_a_vector():
-    scalars = [torch.tensor(float(i)) for i in range(5)]
-    assert torch.equal(_cpu_kernels.gather(scalars), torch.arange(5.0))
-    _cpu_kernels.scatter(scalars, torch.arange(10.0, 15.0))
-    assert [s.item() for s in scalars] == [10.0, 11.0, 12.0, 13.0, 14.0]
+KEYS = ("beta1", "step")
 
 
-def test_choose_takes_only_contiguous_float32_cpu_tensors_and_numbers():
+def states_of(count, dtype=torch.float32):
+    return [dict(beta1=torch.tensor(0.5 + i, dtype=dtype), step=torch.tensor(10.0 * i, dtype=dtype))
+            for i in range(count)]
+
+
+def test_the_statistics_table_holds_the_states_numbers_as_views_of_one_matrix():
+    states = states_of(3)
+    table = _cpu_kernels.StatisticsTable(KEYS)
+    matrix = table.bind(states)
+    assert torch.equal(matrix, torch.tensor([[0.5, 1.5, 2.5], [0.0, 10.0, 20.0]]))
+    matrix.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))  # what a step's store does
+    assert [state["beta1"].item() for state in states] == [1.0, 2.0, 3.0]
+    assert [state["step"].item() for state in states] == [4.0, 5.0, 6.0]
+    states[1]["step"].fill_(7.0)  # an entry changed in place stays a view
+    assert table.bind(states) is matrix and matrix[1, 1] == 7.0
+
+
+def test_the_statistics_table_takes_in_entries_replaced_since_the_last_step():
+    states = states_of(3)
+    table = _cpu_kernels.StatisticsTable(KEYS)
+    first = table.bind(states)
+    states[2]["beta1"] = torch.tensor(9.0)  # as load_state_dict or a user would
+    matrix = table.bind(states)
+    assert matrix is not first and matrix[0].tolist() == [0.5, 1.5, 9.0]
+    matrix[0, 2] = 8.0
+    assert states[2]["beta1"].item() == 8.0
+    more = states + states_of(1)  # a parameter joins the group
+    assert table.bind(more).shape == (2, 4)
+
+
+def test_the_statistics_table_refuses_numbers_the_c_kernels_cannot_take():
+    for states in (states_of(2, torch.float64), states_of(2, torch.bfloat16)):
+        values = [state["beta1"] for state in states]
+        assert _cpu_kernels.StatisticsTable(KEYS).bind(states) is None
+        assert all(state["beta1"] is value for state, value in zip(states, values))  # left as they were
+
+
+def test_choose_takes_only_contiguous_float32_cpu_tensors_of_matching_sizes():
     good = [torch.zeros(3), torch.zeros(2, 2)]
-    assert _cpu_kernels.choose(True, [good], [torch.zeros(())]) == "cpu"
-    assert _cpu_kernels.choose(False, [good], []) == "op_by_op"
-    for bad_lists, bad_scalars in (([good + [torch.zeros(3, dtype=torch.float64)]], []),
-                                   ([good + [torch.zeros(4, 4).t()]], []),
-                                   ([good], [torch.zeros((), dtype=torch.bfloat16)])):
-        assert _cpu_kernels.choose(True, bad_lists, bad_scalars) == "compiled"
+    kernels, matrix = _cpu_kernels.choose(True, [good, good], _cpu_kernels.StatisticsTable(KEYS), states_of(2))
+    assert kernels == "cpu" and matrix.shape == (2, 2)
+    assert _cpu_kernels.choose(False, [good], _cpu_kernels.StatisticsTable(KEYS), states_of(2)) == ("op_by_op", None)
+    bad_lists = ([good[:1] + [torch.zeros(4, dtype=torch.float64)]], [good[:1] + [torch.zeros(2, 2).t()]],
+                 [good, [torch.zeros(3), torch.zeros(5)]])
+    for tensor_lists in bad_lists:
+        assert _cpu_kernels.choose(True, tensor_lists, _cpu_kernels.StatisticsTable(KEYS), states_of(2)) \
+            == ("compiled", None)
+    assert _cpu_kernels.choose(True, [good], _cpu_kernels.StatisticsTable(KEYS), states_of(2, torch.bfloat16)) \
+        == ("compiled", None)
 
 
 def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
@@ -128,7 +165,9 @@ def test_without_a_compiler_the_python_kernels_run_after_one_warning(monkeypatch
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.warns(RuntimeWarning, match="cannot build its CPU kernels"):
-        assert _cpu_kernels.choose(True, [[torch.zeros(3)]], []) == "compiled"
+        assert _cpu_kernels.choose(True, [[torch.zeros(3)]], _cpu_kernels.StatisticsTable(KEYS), states_of(1)) \
+            == ("compiled", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call: no warning
-        assert _cpu_kernels.choose(True, [[torch.zeros(3)]], []) == "compiled"
+        assert _cpu_kernels.choose(True, [[torch.zeros(3)]], _cpu_kernels.StatisticsTable(KEYS), states_of(1)) \
+            == ("compiled", None)

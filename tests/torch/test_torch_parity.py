@@ -272,6 +272,25 @@ def test_fused_kernels_match_the_op_by_op_update(name, kernels, count_batches, c
             torch.testing.assert_close(value, op_by_op.state[q][key])
 
 
+@pytest.mark.parametrize("name", ["stam", "stam_lite"])
+def test_tensor_statistics_edited_between_steps_are_the_ones_the_next_step_reads(name):
+    # The C path keeps these 0-d entries as views of one matrix per group; a replaced or edited entry must win.
+    model, inputs, targets = model_and_data()
+    twin, _, _ = model_and_data()
+    fused, op_by_op = OPTIMIZERS_UNDER_TEST[name](model), OPTIMIZERS_UNDER_TEST[name](twin, fused=False)
+    for optimizer, net in ((fused, model), (op_by_op, twin)):
+        train(net, optimizer, inputs, targets, 3)
+        params = list(net.parameters())
+        optimizer.state[params[0]]["beta1_product"] = torch.tensor(0.5)  # replaced
+        optimizer.state[params[-1]]["step"].fill_(100.0)  # edited in place
+        train(net, optimizer, inputs, targets, 2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+        for key, value in fused.state[p].items():
+            torch.testing.assert_close(value, op_by_op.state[q][key])
+    assert fused.state[list(model.parameters())[-1]]["step"] == 102.0
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_learning_rate_schedule_compiles_no_new_kernel(name, compile_every_tensor):
     from torch._dynamo.utils import counters

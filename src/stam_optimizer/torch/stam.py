@@ -51,14 +51,15 @@ _TENSOR_STATISTICS = ("variance", "scale", "beta1", "beta1_product", "step")
 _STATE_INPUTS = ("variance", "scale", "beta1_product", "step")
 
 
-def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay, eps, kernels):
+def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay, eps, kernels, matrix=None):
     """Phase one of STAM's step: per tensor, whether g is finite and its new statistics; changes nothing.
 
     Returns ``(finite, statistics)``: ``finite`` 0-d bools, all True when every
     gradient is finite; ``statistics`` the new ``(variance, scale, beta1,
     beta1_product, step, step_size, bias_correction2)`` for ``stam_update``,
     per tensor as 0-d tensors, or with ``kernels="cpu"`` each as one vector
-    over the group's tensors.
+    over the group's tensors (then ``matrix`` is the group's StatisticsTable
+    matrix of the 0-d state entries).
     """
     # Complements are taken in Python's float64: 1 - b2 in float32 would be off by 1e-5.
     scalars = scalar_tensors(lr=lr, b1_base=b1_base, b2=b2, one_minus_b2=1 - b2, log_b2=math.log(b2),
@@ -66,7 +67,8 @@ def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay
                              eps=eps)
     mus = [state["exp_avg"] for state in states]
     if kernels == "cpu":
-        return _cpu_kernels.group_statistics("stam_moments", [grads, mus], _stam_rule, states, _STATE_INPUTS,
+        saved = {key: row for key, row in zip(_TENSOR_STATISTICS, matrix) if key in _STATE_INPUTS}
+        return _cpu_kernels.group_statistics("stam_moments", [grads, mus], _stam_rule, saved,
                                              scalars(grads[0].device, torch.float32))
     return _stam_statistics_kernel.map_statistics(
         kernels == "compiled", [(grad, mu) for grad, mu in zip(grads, mus)],
@@ -74,7 +76,7 @@ def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay
          for state in states])
 
 
-def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps, kernels):
+def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps, kernels, matrix=None):
     r"""Phase two of STAM's step (seed 002, "Core Update Rules"): the state and the parameters, in place.
 
     Per tensor, at step t, with gradient g::
@@ -91,14 +93,15 @@ def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps,
     ``statistics`` come from ``stam_statistics`` (the first three lines and the
     step's coefficients, from one read of g and mu); here each tensor is one
     pass updating mu, nu and p. ``kernels``: ``"cpu"`` runs the group's
-    float32 CPU tensors as one call of the C kernels in ``_cpu_kernels.c``,
-    ``"compiled"`` each tensor compiled, ``"op_by_op"`` eagerly. The tensor
+    float32 CPU tensors as one call of the C kernels in ``_cpu_kernels.c``
+    (storing the statistics into ``matrix``), ``"compiled"`` each tensor
+    compiled, ``"op_by_op"`` eagerly. The tensor
     statistics stay on the device (no host sync).
     Low-precision parameters are computed in float32 and stored back.
     """
     mus, nus = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
     if kernels == "cpu":
-        _cpu_kernels.store_statistics(states, _TENSOR_STATISTICS, statistics)
+        _cpu_kernels.store_statistics(matrix, statistics)
         _, _, beta1, _, _, step_size, bias_correction2 = statistics
         _cpu_kernels.run("stam_step", [params, grads, mus, nus], [beta1, step_size, bias_correction2],
                          [1 - lr * weight_decay, b2, 1 - b2, eps])
@@ -169,15 +172,16 @@ class STAM(SkipNonfiniteOptimizer):
     def _prepare_group(self, group, params, grads):
         states = self._states(group, params)
         moments = [[state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]]
-        kernels = _cpu_kernels.choose(self.fused, [params, grads, *moments],
-                                      [state[key] for key in _TENSOR_STATISTICS for state in states])
+        kernels, matrix = _cpu_kernels.choose(self.fused, [params, grads, *moments],
+                                              _cpu_kernels.statistics_table(self, group, _TENSOR_STATISTICS), states)
         finite, statistics = stam_statistics(
             grads, states, lr=group["lr"], b1_base=group["b1_base"], b2=group["b2"],
-            adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"], kernels=kernels)
-        return finite, (states, kernels, statistics)
+            adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"], kernels=kernels,
+            matrix=matrix)
+        return finite, (states, kernels, matrix, statistics)
 
     def _update_group(self, group, params, grads, statistics):
-        states, kernels, statistics = statistics
+        states, kernels, matrix, statistics = statistics
         self._store_states(params, states)
         stam_update(params, grads, states, statistics, lr=group["lr"], b2=group["b2"],
-                    weight_decay=group["weight_decay"], eps=group["eps"], kernels=kernels)
+                    weight_decay=group["weight_decay"], eps=group["eps"], kernels=kernels, matrix=matrix)

@@ -48,29 +48,31 @@ _TENSOR_STATISTICS = ("grad_mean", "grad_sq_mean", "beta1", "beta1_product", "st
 
 
 def stam_lite_statistics(grads, states, *, lr, b1_base, adapt_strength, moment_decay, beta1_update_interval, eps,
-                         kernels):
+                         kernels, matrix=None):
     """Phase one of STAMLite's step: per tensor, whether g is finite and its new statistics; changes nothing.
 
     Returns ``(finite, statistics)``: ``finite`` 0-d bools, all True when every
     gradient is finite; ``statistics`` the new ``(grad_mean, grad_sq_mean,
     beta1, beta1_product, step, step_size)`` for ``stam_lite_update``, per
     tensor as 0-d tensors, or with ``kernels="cpu"`` each as one vector over
-    the group's tensors.
+    the group's tensors (then ``matrix`` is the group's StatisticsTable matrix
+    of the 0-d state entries).
     """
     # Complements are taken in Python's float64: 1 - 0.99 in float32 would be off by 1e-6.
     scalars = scalar_tensors(lr=lr, b1_base=b1_base, adapt_strength=adapt_strength, moment_decay=moment_decay,
                              one_minus_moment_decay=1 - moment_decay, log_moment_decay=math.log(moment_decay),
                              beta1_update_interval=beta1_update_interval, eps=eps)
     if kernels == "cpu":
-        return _cpu_kernels.group_statistics("stam_lite_moments", [grads], _stam_lite_rule, states,
-                                             _TENSOR_STATISTICS, scalars(grads[0].device, torch.float32))
+        return _cpu_kernels.group_statistics("stam_lite_moments", [grads], _stam_lite_rule,
+                                             dict(zip(_TENSOR_STATISTICS, matrix)),
+                                             scalars(grads[0].device, torch.float32))
     return _stam_lite_statistics_kernel.map_statistics(
         kernels == "compiled", [(grad,) for grad in grads],
         [dict({key: state[key] for key in _TENSOR_STATISTICS}, **scalars(state["step"].device, state["step"].dtype))
          for state in states])
 
 
-def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, kernels):
+def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, kernels, matrix=None):
     r"""Phase two of STAMLite's step (seed 002, "STAMLite Approximation"): the state and the parameters, in place.
 
     Per tensor, at step t, with gradient g and k = beta1_update_interval::
@@ -87,12 +89,12 @@ def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, ker
     ``statistics`` come from ``stam_lite_statistics`` (everything but mu_t
     and p, from one read of g); here each tensor is one pass updating mu and
     p. ``kernels``: ``"cpu"`` runs the group's float32 CPU tensors as one call
-    of the C kernels in ``_cpu_kernels.c``, ``"compiled"`` each tensor
-    compiled, ``"op_by_op"`` eagerly.
+    of the C kernels in ``_cpu_kernels.c`` (storing the statistics into
+    ``matrix``), ``"compiled"`` each tensor compiled, ``"op_by_op"`` eagerly.
     """
     mus = [state["exp_avg"] for state in states]
     if kernels == "cpu":
-        _cpu_kernels.store_statistics(states, _TENSOR_STATISTICS, statistics)
+        _cpu_kernels.store_statistics(matrix, statistics)
         _, _, beta1, _, _, step_size = statistics
         _cpu_kernels.run("stam_lite_step", [params, grads, mus], [beta1, step_size], [1 - lr * weight_decay])
         return
@@ -157,16 +159,17 @@ class STAMLite(SkipNonfiniteOptimizer):
 
     def _prepare_group(self, group, params, grads):
         states = self._states(group, params)
-        kernels = _cpu_kernels.choose(self.fused, [params, grads, [state["exp_avg"] for state in states]],
-                                      [state[key] for key in _TENSOR_STATISTICS for state in states])
+        kernels, matrix = _cpu_kernels.choose(
+            self.fused, [params, grads, [state["exp_avg"] for state in states]],
+            _cpu_kernels.statistics_table(self, group, _TENSOR_STATISTICS), states)
         finite, statistics = stam_lite_statistics(
             grads, states, lr=group["lr"], b1_base=group["b1_base"], adapt_strength=group["adapt_strength"],
             moment_decay=group["moment_decay"], beta1_update_interval=group["beta1_update_interval"],
-            eps=group["eps"], kernels=kernels)
-        return finite, (states, kernels, statistics)
+            eps=group["eps"], kernels=kernels, matrix=matrix)
+        return finite, (states, kernels, matrix, statistics)
 
     def _update_group(self, group, params, grads, statistics):
-        states, kernels, statistics = statistics
+        states, kernels, matrix, statistics = statistics
         self._store_states(params, states)
         stam_lite_update(params, grads, states, statistics, lr=group["lr"], weight_decay=group["weight_decay"],
-                         kernels=kernels)
+                         kernels=kernels, matrix=matrix)
