@@ -300,7 +300,7 @@ def measure_torch_transients(results, shapes):
 def run_speed(quick, frameworks=("torch", "jax"), progress=True):
     """The microbenchmark; returns a JSON-serialisable dict (see the module docstring)."""
     shapes = QUICK_SHAPES if quick else SHAPES
-    rounds = 3 if quick else 9
+    rounds = 3 if quick else 25
     timed = {}
     if "torch" in frameworks:
         timed["torch"] = run_torch(shapes, rounds, progress)
