@@ -197,6 +197,20 @@ def test_each_tensor_keeps_its_own_statistics_whatever_its_size_and_place_in_the
                                            reference_states[key][field], rtol=1e-12)
 
 
+def test_per_tensor_scalars_hand_each_tensor_its_entries_bit_for_bit():
+    # The update kernels read their coefficients through these; zeros' signs, NaN, infinities and subnormals
+    # included, nothing may change.
+    from stam_optimizer.jax._common import per_tensor_scalars
+
+    values = np.array([1.5, -0.0, 0.0, np.nan, np.inf, -np.inf, 1e-45, -3.4e38, 0.9], np.float32)
+    others = values[::-1].copy()
+    entries = jax.jit(per_tensor_scalars)(jnp.asarray(values), jnp.asarray(others))
+    assert len(entries) == len(values)
+    for i, (value, other) in enumerate(entries):
+        assert np.asarray(value).view(np.uint32) == values[i].view(np.uint32)
+        assert np.asarray(other).view(np.uint32) == others[i].view(np.uint32)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_state_round_trips_through_flax_serialization_and_pickle_and_resumes_exactly(name):
     optimizer = make(name)

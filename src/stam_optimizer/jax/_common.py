@@ -40,11 +40,10 @@ def per_tensor_vector(params, value):
     step, compiled once each). On the benchmark's 195-tensor stack (runs at
     87c93a5 and 0a2e196) this took STAM's step from 1.79x to 1.45x
     ``optax.adamw``'s and STAMLite's from 1.36x to 0.91x, and their compile
-    time from 8.5x to 4.2x and 6.4x to 4.4x. What compile time is left is
-    mostly each tensor's update kernel: it reads its own entry of these
-    vectors, so XLA compiles it for that tensor alone. The
-    dtype is the widest of the leaves' ``scalar_dtype``; ``per_tensor`` maps a
-    vector back onto the parameters' tree.
+    time from 8.5x to 4.2x and 6.4x to 4.4x. The updates read their entries
+    through ``per_tensor_scalars``. The dtype is the widest of the leaves'
+    ``scalar_dtype``; ``per_tensor`` maps a vector back onto the parameters'
+    tree.
     """
     leaves = jax.tree.leaves(params)
     dtype = jnp.result_type(*map(scalar_dtype, leaves)) if leaves else jnp.float32
@@ -79,6 +78,28 @@ def per_tensor_means(values, dtype):
         order += indices
         sums.append(jnp.sum(jnp.stack([jnp.ravel(values[i]).astype(dtype) for i in indices]), axis=1))
     return jnp.concatenate(sums)[np.argsort(order)] / np.array([value.size for value in values], dtype)
+
+
+def per_tensor_scalars(*vectors):
+    """``[tuple(v[i] for v in vectors) for i in range(n)]``: each tensor's entries of ``vectors`` (one
+    entry per tensor each) as 0-d arrays that come out of one variadic reduction.
+
+    Read as ``v[i]`` in a tensor's update, the index ``i`` would be part of
+    that update's fused kernel, and XLA would compile the kernel for that
+    tensor alone (5-10 ms each on the CPU: 390 of them were most of STAMLite's
+    compile time on a 195-tensor model). Out of one reduction the entries are
+    buffers of their own, and all tensors of one shape share one kernel. Each
+    entry is summed with -0.0 alone, which leaves every value exactly as it
+    was (NaN and infinities too).
+    """
+    rows = jnp.stack(vectors)
+    if not rows.shape[1]:
+        return []
+    padding = jnp.full_like(rows[:, :1], -0.0)
+    pairs = [jnp.concatenate([rows[:, i:i + 1], padding], axis=1) for i in range(rows.shape[1])]
+    sums = jax.lax.reduce(pairs, [jnp.array(-0.0, rows.dtype)] * len(pairs),
+                          lambda xs, ys: [x + y for x, y in zip(xs, ys)], (1,))
+    return [tuple(entries) for entries in sums]
 
 
 class SkipNonfiniteState(NamedTuple):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from stam_optimizer.jax._common import (SeedOptimizer, check_range, gradients_finite, per_tensor_means,
-                                        per_tensor_vector, skip_nonfinite_steps, skip_weights)
+                                        per_tensor_scalars, per_tensor_vector, skip_nonfinite_steps, skip_weights)
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard).
 VARIANCE_CAP = 10.0
@@ -101,11 +101,12 @@ def scale_by_stam(b1_base=0.9, b2=0.999, adapt_strength=0.2, tau_decay=0.99, eps
         nu_correction = 1 - b2 ** count.astype(stat_dtype)
 
         directions, new_mus, new_nus = [], [], []
-        for i, (grad, mu, nu) in enumerate(zip(grads, mus, nus)):
+        coefficients = per_tensor_scalars(beta1_step, inverse_correction)
+        for grad, mu, nu, (tensor_beta1, tensor_correction) in zip(grads, mus, nus, coefficients):
             grad = jnp.where(finite, grad, jnp.zeros_like(grad))
-            mu = (beta1_step[i] * mu + (1 - beta1_step[i]) * grad).astype(mu.dtype)
+            mu = (tensor_beta1 * mu + (1 - tensor_beta1) * grad).astype(mu.dtype)
             nu = (b2_step * nu + b2_complement_step * jnp.square(grad)).astype(nu.dtype)
-            directions.append((mu * inverse_correction[i] / (jnp.sqrt(nu / nu_correction) + eps)).astype(grad.dtype))
+            directions.append((mu * tensor_correction / (jnp.sqrt(nu / nu_correction) + eps)).astype(grad.dtype))
             new_mus.append(mu)
             new_nus.append(nu)
         state = STAMState(count, treedef.unflatten(new_mus), treedef.unflatten(new_nus), variance, scale,

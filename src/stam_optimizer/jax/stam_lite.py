@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from stam_optimizer.jax._common import (SeedOptimizer, check_range, gradients_finite, per_tensor_means,
-                                        per_tensor_vector, skip_nonfinite_steps)
+                                        per_tensor_scalars, per_tensor_vector, skip_nonfinite_steps)
 
 
 class STAMLiteState(NamedTuple):
@@ -86,10 +86,11 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
         inverse_rms = 1 / (jnp.sqrt(grad_sq_mean / (1 - moment_decay ** count.astype(stat_dtype))) + eps)
 
         directions, mus = [], []
-        for i, (grad, mu) in enumerate(zip(grads, treedef.flatten_up_to(state.mu))):
-            mu_full = beta1_step[i] * mu.astype(stat_dtype) + (1 - beta1_step[i]) * jnp.where(
+        coefficients = per_tensor_scalars(beta1_step, inverse_correction * inverse_rms)
+        for grad, mu, (tensor_beta1, step_scale) in zip(grads, treedef.flatten_up_to(state.mu), coefficients):
+            mu_full = tensor_beta1 * mu.astype(stat_dtype) + (1 - tensor_beta1) * jnp.where(
                 finite, grad.astype(stat_dtype), 0)
-            directions.append((mu_full * inverse_correction[i] * inverse_rms[i]).astype(grad.dtype))
+            directions.append((mu_full * step_scale).astype(grad.dtype))
             mus.append(mu_full.astype(mu.dtype))
         state = STAMLiteState(count, treedef.unflatten(mus), grad_mean, grad_sq_mean, beta1, beta1_product)
         return treedef.unflatten(directions), state, finite
