@@ -211,6 +211,26 @@ def test_per_tensor_scalars_hand_each_tensor_its_entries_bit_for_bit():
         assert np.asarray(other).view(np.uint32) == others[i].view(np.uint32)
 
 
+def test_per_tensor_sums_stack_small_tensors_without_changing_a_sum():
+    # Small tensors of one size (and dtype) are stacked before the element-wise function runs; each sum must
+    # still be its own tensor's, in its tensor's place, an empty tensor's 0.
+    from stam_optimizer.jax._common import SMALL_TENSOR, per_tensor_sums
+
+    rng = np.random.default_rng(3)
+    shapes_and_dtypes = [((272,), jnp.float32), ((300, 300), jnp.float32), ((272,), jnp.bfloat16), ((0,), jnp.float32),
+                         ((3, 5), jnp.float32), ((272,), jnp.float32), ((16, 17), jnp.float32)]
+    assert 300 * 300 >= SMALL_TENSOR > 272
+    grads = [jnp.asarray(rng.standard_normal(shape), dtype) for shape, dtype in shapes_and_dtypes]
+    mus = [jnp.asarray(rng.standard_normal(shape), dtype) for shape, dtype in shapes_and_dtypes]
+
+    def squared_residual(grad, mu):
+        return jnp.square((grad - mu).astype(jnp.float32))
+
+    sums = jax.jit(lambda g, m: per_tensor_sums(squared_residual, (g, m), jnp.float32))(grads, mus)
+    expected = [np.sum((np.asarray(g, np.float64) - np.asarray(m, np.float64)) ** 2) for g, m in zip(grads, mus)]
+    np.testing.assert_allclose(np.asarray(sums), expected, rtol=1e-6)
+    assert sums.dtype == jnp.float32 and sums[3] == 0
+
 @pytest.mark.parametrize("name", NAMES)
 def test_state_round_trips_through_flax_serialization_and_pickle_and_resumes_exactly(name):
     optimizer = make(name)

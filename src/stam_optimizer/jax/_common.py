@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-# Below this many elements, per_tensor_means sums tensors of one size as rows of one stacked array.
+# Below this many elements, per_tensor_sums sums tensors of one size as rows of one stacked array.
 SMALL_TENSOR = 1 << 16
 
 
@@ -56,28 +56,37 @@ def per_tensor(vector, params):
     return jax.tree.unflatten(jax.tree.structure(params), list(vector))
 
 
-def per_tensor_means(values, dtype):
-    """``[mean(v) for v in values]`` as one vector of ``dtype`` (empty when ``values`` is).
+def per_tensor_sums(elementwise, operands, dtype):
+    """``[sum(elementwise(*tensors)) for tensors in zip(*operands)]`` as one vector of ``dtype`` (empty when
+    the lists in ``operands`` are), for an element-wise ``elementwise`` that returns ``dtype``.
 
-    Tensors under ``SMALL_TENSOR`` elements are stacked by size and summed as
-    one row reduction per size: on XLA's CPU backend a reduction of a small
-    tensor is about three kernel launches, and biases and norms are half of a
-    transformer's tensors. A tensor's mean is its sum divided by its size (an
-    empty tensor's is NaN, as ``jnp.mean``'s).
+    Tensors under ``SMALL_TENSOR`` elements are stacked by size (and dtype) *before*
+    ``elementwise`` runs, and each stack is summed as one row reduction: on
+    XLA's CPU backend a reduction of a small tensor is about three kernel
+    launches, and biases and norms are half of a transformer's tensors.
+    Stacked after it, each small tensor's ``elementwise`` was a kernel of its
+    own: on the benchmark's 195-tensor stack STAM's step had 1321 fused kernels
+    for XLA to compile, 812 now (STAMLite 999 to 618, STAC 722 to 469).
     """
-    if not values:
+    if not operands[0]:
         return jnp.zeros([0], dtype)
     order, sums, small = [], [], {}
-    for index, value in enumerate(values):
-        if 0 < value.size < SMALL_TENSOR:
-            small.setdefault(value.size, []).append(index)
+    for index, tensors in enumerate(zip(*operands)):
+        if 0 < tensors[0].size < SMALL_TENSOR:
+            small.setdefault((tensors[0].size, *(t.dtype for t in tensors)), []).append(index)
         else:
             order.append(index)
-            sums.append(jnp.sum(value.astype(dtype))[None])
+            sums.append(jnp.sum(elementwise(*tensors))[None])
     for indices in small.values():
         order += indices
-        sums.append(jnp.sum(jnp.stack([jnp.ravel(values[i]).astype(dtype) for i in indices]), axis=1))
-    return jnp.concatenate(sums)[np.argsort(order)] / np.array([value.size for value in values], dtype)
+        stacks = [jnp.stack([jnp.ravel(tensors[i]) for i in indices]) for tensors in operands]
+        sums.append(jnp.sum(elementwise(*stacks), axis=1))
+    return jnp.concatenate(sums)[np.argsort(order)]
+
+
+def per_tensor_means(elementwise, operands, dtype):
+    """``per_tensor_sums`` divided by each tensor's size (an empty tensor's mean is NaN, as ``jnp.mean``'s)."""
+    return per_tensor_sums(elementwise, operands, dtype) / np.array([t.size for t in operands[0]], dtype)
 
 
 def per_tensor_scalars(*vectors):
@@ -182,9 +191,8 @@ def all_finite_flag(tree):
     ``all(isfinite(leaf))`` (2.7 against 9.9 ms on a 16.7M tensor).
     """
     leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.array(True)
-    return jnp.all(jnp.isfinite(jnp.stack([jnp.sum(leaf - leaf, dtype=jnp.float32) for leaf in leaves])))
+    differences = per_tensor_sums(lambda leaf: (leaf - leaf).astype(jnp.float32), (leaves,), jnp.float32)
+    return jnp.all(jnp.isfinite(differences))
 
 
 def all_finite(tree):

@@ -60,8 +60,8 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
         del params
         grads, treedef = jax.tree.flatten(updates)
         stat_dtype = state.grad_mean.dtype
-        mean = per_tensor_means(grads, stat_dtype)
-        square_mean = per_tensor_means([jnp.square(g.astype(stat_dtype)) for g in grads], stat_dtype)
+        mean = per_tensor_means(lambda grad: grad.astype(stat_dtype), (grads,), stat_dtype)
+        square_mean = per_tensor_means(lambda grad: jnp.square(grad.astype(stat_dtype)), (grads,), stat_dtype)
         finite = gradients_finite(updates, (mean, square_mean))
         count = jnp.where(finite, optax.safe_increment(state.count), state.count)
 
