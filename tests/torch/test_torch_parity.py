@@ -84,6 +84,32 @@ def test_nonfinite_step_changes_nothing_and_is_counted_or_raises(name, kernels, 
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler_skips_the_step_on_inf_and_unscales_otherwise(name):
+    model, inputs, targets = model_and_data()
+    twin, _, _ = model_and_data()
+    optimizer, plain = OPTIMIZERS_UNDER_TEST[name](model), OPTIMIZERS_UNDER_TEST[name](twin)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(2):
+        optimizer.zero_grad()
+        plain.zero_grad()
+        scaler.scale((model(inputs) - targets).pow(2).mean()).backward()
+        (twin(inputs) - targets).pow(2).mean().backward()
+        scaler.step(optimizer)
+        scaler.update()
+        plain.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+    optimizer.zero_grad()
+    scaler.scale((model(inputs) - targets).pow(2).mean()).backward()
+    next(model.parameters()).grad.view(-1)[0] = float("inf")
+    before = snapshot(model, optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    assert_same(before, snapshot(model, optimizer))
+    assert scaler.get_scale() == 512.0 and optimizer.nonfinite_skipped_steps == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_steps_are_deterministic(name):
     # Tensors of 40K elements: below the compiled-per-tensor size, so they run as one batch (STAM's and
     # STAMLite's as one C call), large enough for the per-tensor statistics to be reduced by two threads.
