@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -43,3 +44,8 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
             for name, entry in block["optimizers"].items():
                 assert math.isfinite(entry["step_ms_median"]) and entry["step_ms_median"] > 0, (shape, name)
     assert 0 < report["speed"]["torch"]["large"]["floor_gb_per_s"] < 10_000
+    # JAX compile time: the median of one compile per round.
+    for shape, block in report["speed"]["jax"].items():
+        for name, entry in block["optimizers"].items():
+            assert len(entry["compile_s_each"]) == report["speed"]["compile_rounds"] == 2, (shape, name)
+            assert entry["compile_s"] == statistics.median(entry["compile_s_each"]) > 0, (shape, name)
