@@ -6,8 +6,8 @@ with ``torch.optim.AdamW(fused=True)`` (foreach shown too), JAX with jitted
 ``optax.adamw`` (buffers donated on both sides, warm-up excluded,
 ``block_until_ready`` after each step); JAX compile time (tracing, lowering
 and XLA's compile of the train step) is reported apart, the median of 3
-compiles (2 in quick mode) taken round-robin like the steps: single compiles
-of the 195-tensor STAM step ranged over 4.4-6.6 s in one process. Optimizers are timed
+compiles (2 in quick mode) taken round-robin like the steps: four compiles of
+the 195-tensor STAM step took 4.2-6.0 s in one process. Optimizers are timed
 round-robin over several rounds and the median is kept, so drift of the
 machine hits all of them alike. The machine's memory-bandwidth floor is the
 time of an in-place ``mul_`` over a buffer of the same bytes (read + write),

@@ -231,6 +231,7 @@ def test_per_tensor_sums_stack_small_tensors_without_changing_a_sum():
     np.testing.assert_allclose(np.asarray(sums), expected, rtol=1e-6)
     assert sums.dtype == jnp.float32 and sums[3] == 0
 
+
 @pytest.mark.parametrize("name", NAMES)
 def test_state_round_trips_through_flax_serialization_and_pickle_and_resumes_exactly(name):
     optimizer = make(name)
