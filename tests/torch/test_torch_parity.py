@@ -160,6 +160,30 @@ def test_checkpoint_round_trip_keeps_dtypes_and_resumes_exactly(name, tmp_path):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("optimizer_class", [STAM, STAMLite])
+def test_param_groups_with_their_own_hyperparameters_step_as_separate_optimizers(optimizer_class):
+    # Groups share nothing but the step's non-finite verdict: two groups in one optimizer (one C call per group
+    # on the default path) must step exactly as two optimizers, one per group.
+    first, second = {"lr": 1e-2, "weight_decay": 0.1, "adapt_strength": 0.5}, {"lr": 3e-3, "b1_base": 0.8}
+    model, inputs, targets = model_and_data()
+    twin, _, _ = model_and_data()
+    head = lambda net: list(net[0].parameters())  # noqa: E731
+    rest = lambda net: [p for layer in list(net)[1:] for p in layer.parameters()]  # noqa: E731
+    grouped = optimizer_class([{"params": head(model), **first}, {"params": rest(model), **second}])
+    separate = [optimizer_class(head(twin), **first), optimizer_class(rest(twin), **second)]
+    for _ in range(3):
+        grouped.zero_grad()
+        (model(inputs) - targets).pow(2).mean().backward()
+        grouped.step()
+        for optimizer in separate:
+            optimizer.zero_grad()
+        (twin(inputs) - targets).pow(2).mean().backward()
+        for optimizer in separate:
+            optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), model_and_data()[0].parameters()))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_lr_scheduler_closure_and_missing_grads(name):
     model, inputs, targets = model_and_data()
