@@ -63,14 +63,18 @@ def summary_markdown(result):
                 lines += [f"### speed, {framework}: {shape} ({block['n_params'] / 1e6:.1f}M parameters, "
                           f"{block['n_tensors']} tensors; yardstick {block['yardstick']}"
                           + (f"; bandwidth floor {block['floor_gb_per_s']:.1f} GB/s" if "floor_gb_per_s" in block
+                             else "")
+                          + (f", read floor {block['read_floor_gb_per_s']:.1f} GB/s" if "read_floor_gb_per_s" in block
                              else "") + ")", "",
-                          "| optimizer | step ms | vs yardstick | state | of bandwidth floor | compile s |",
-                          "|---|---:|---:|---:|---:|---:|"]
+                          "| optimizer | step ms | vs yardstick | state | of bandwidth floor | of read floor "
+                          "| compile s |",
+                          "|---|---:|---:|---:|---:|---:|---:|"]
                 for name, e in block["optimizers"].items():
-                    floor = f"{e['floor_fraction']:.0%}" if e["floor_fraction"] is not None else "-"
+                    floor, read_floor = (f"{e[key]:.0%}" if e.get(key) is not None else "-"
+                                         for key in ("floor_fraction", "read_floor_fraction"))
                     compile_s = f"{e['compile_s']:.2f}" if e["compile_s"] is not None else "-"
                     lines.append(f"| {name} | {e['step_ms_median']:.2f} | {e['ratio_to_yardstick']:.2f} | "
-                                 f"{_fmt_bytes(e['state_bytes'])} | {floor} | {compile_s} |")
+                                 f"{_fmt_bytes(e['state_bytes'])} | {floor} | {read_floor} | {compile_s} |")
                 lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,11 @@ the 195-tensor STAM step took 4.2-6.0 s in one process. Optimizers are timed
 round-robin over several rounds and the median is kept, so drift of the
 machine hits all of them alike. The machine's memory-bandwidth floor is the
 time of an in-place ``mul_`` over a buffer of the same bytes (read + write),
-timed in the same rounds (median).
+timed in the same rounds (median); its read floor is the time of a ``sum``
+over a buffer of as many bytes as fused AdamW reads, in the same rounds. Where
+reads set a step's time, as on hosts whose streaming reads are slower than
+their reads and writes together, the ratio of two optimizers' read floors is
+the least ratio of their step times.
 
 Transient memory, PyTorch: the growth of the process's peak resident set
 (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) during one step
@@ -27,7 +31,11 @@ Bytes each update must move, per parameter (fp32): AdamW 28 (read p, g, m, v;
 write p, m, v); STAC trunk 20 (16 with bf16 momentum, 12 plain sign; the "snr"
 step scale adds a statistics pass reading g and m: 8, 6 with bf16), its cap 28;
 STAM 36 (AdamW's 28 plus the statistics pass reading g and m); STAMLite 24;
-Lion and SGD with momentum 20.
+Lion and SGD with momentum 20. Of these, bytes read: AdamW 16; STAM 24;
+STAMLite 16 (g, then p, g, mu); Lion and SGD with momentum 12; STAC's trunk 16
+(p, g, m, and g once more for its non-finite check; 14 with bf16 momentum, 12
+plain sign, 20 and 16 with the "snr" statistics pass, which makes that check),
+its cap 20.
 """
 
 import argparse
@@ -41,6 +49,8 @@ SHAPES = {"large": dict(layers=4, width=4096), "stack": dict(blocks=16, width=27
 QUICK_SHAPES = {"large": dict(layers=2, width=512), "stack": dict(blocks=2, width=64)}
 BYTES_PER_PARAM = {"AdamW fused": 28, "AdamW foreach": 28, "STAM": 36, "STAMLite": 24, "Lion": 20,
                    "SGD momentum": 20}
+BYTES_READ_PER_PARAM = {"AdamW fused": 16, "AdamW foreach": 16, "STAM": 24, "STAMLite": 16, "Lion": 12,
+                        "SGD momentum": 12}
 
 
 def torch_model(shape):
@@ -80,19 +90,22 @@ def _torch_optimizers():
 
 
 def _stac_bytes(optimizer):
-    total = 0
+    """``(moved, read)``: the bytes a STAC step moves (its updates) and reads (with its non-finite check)."""
+    moved = read = 0
     for group in optimizer.param_groups:
         n = sum(p.numel() for p in group["params"])
         if group["role"] == "adamw":
-            total += 28 * n
+            moved, read = moved + 28 * n, read + 20 * n
         elif group["sign_momentum"] == 0.0:
-            total += 12 * n
+            moved, read = moved + 12 * n, read + 12 * n
         else:
-            low_precision = optimizer.sign_state_dtype is not None
-            total += (16 if low_precision else 20) * n
+            momentum_bytes = 2 if optimizer.sign_state_dtype is not None else 4
+            moved += (12 + 2 * momentum_bytes) * n
+            read += (12 + momentum_bytes) * n  # p, g, m and g again; the "snr" pass reads g and m instead
             if group["sign_step_scale"] == "snr":  # a statistics pass reading g and m first
-                total += (6 if low_precision else 8) * n
-    return total
+                moved += (4 + momentum_bytes) * n
+                read += momentum_bytes * n
+    return moved, read
 
 
 def _status_bytes(field):
@@ -136,6 +149,14 @@ def bandwidth_probe(n_bytes):
     return lambda: buffer.mul_(1.0000001)
 
 
+def read_probe(n_bytes):
+    """A step that only reads ``n_bytes``: the ``sum`` of a float32 buffer of that size."""
+    import torch
+
+    buffer = torch.ones(max(n_bytes // 4, 1))
+    return buffer.sum
+
+
 def torch_step(make, shape):
     """A model with fixed gradients and its optimizer after one warm-up step (which allocates the state)."""
     import torch
@@ -159,33 +180,40 @@ def run_torch(shapes, rounds, progress):
     for shape_name, shape in shapes.items():
         entries = {name: (*torch_step(make, shape), []) for name, make in _torch_optimizers().items()}
         n_params = sum(p.numel() for p in next(iter(entries.values()))[0].parameters())
-        # The floor is timed in the same rounds as the optimizers, so it sees the machine they see.
+        # The floors are timed in the same rounds as the optimizers, so they see the machine they see.
         probe, probe_times = bandwidth_probe(28 * n_params), []
-        probe()
-        steps = [(optimizer.step, times) for _, optimizer, times in entries.values()] + [(probe, probe_times)]
+        reads, read_times = read_probe(16 * n_params), []
+        probe(), reads()
+        steps = [(optimizer.step, times) for _, optimizer, times in entries.values()]
+        steps += [(probe, probe_times), (reads, read_times)]
         for _ in range(rounds):
             for step, times in steps:
                 start = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - start)
         floor_seconds_per_byte = statistics.median(probe_times) / (28 * n_params)
-        del probe, steps
+        read_seconds_per_byte = statistics.median(read_times) / (16 * n_params)
+        del probe, reads, steps
         yardstick = statistics.median(entries["AdamW fused"][2])
         shape_results = {}
         for name, (model, optimizer, times) in entries.items():
             seconds = statistics.median(times)
-            moved = _stac_bytes(optimizer) if name.startswith("STAC") else BYTES_PER_PARAM[name] * n_params
+            moved, read = (_stac_bytes(optimizer) if name.startswith("STAC")
+                           else (BYTES_PER_PARAM[name] * n_params, BYTES_READ_PER_PARAM[name] * n_params))
             shape_results[name] = {
                 "framework": "torch", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
-                "state_bytes": state_bytes(optimizer), "bytes_moved_per_step": moved,
-                "floor_fraction": moved * floor_seconds_per_byte / seconds, "compile_s": None,
+                "state_bytes": state_bytes(optimizer), "bytes_moved_per_step": moved, "bytes_read_per_step": read,
+                "floor_fraction": moved * floor_seconds_per_byte / seconds,
+                "read_floor_fraction": read * read_seconds_per_byte / seconds, "compile_s": None,
                 "transient_bytes": None,
             }
             if progress:
                 print(f"  torch {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  x{seconds / yardstick:.2f}  "
-                      f"floor {shape_results[name]['floor_fraction']:.0%}")
+                      f"floor {shape_results[name]['floor_fraction']:.0%}  "
+                      f"read floor {shape_results[name]['read_floor_fraction']:.0%}")
         results[shape_name] = {"n_params": n_params, "n_tensors": len(list(model.parameters())),
-                               "floor_gb_per_s": 1e-9 / floor_seconds_per_byte, "yardstick": "AdamW fused",
+                               "floor_gb_per_s": 1e-9 / floor_seconds_per_byte,
+                               "read_floor_gb_per_s": 1e-9 / read_seconds_per_byte, "yardstick": "AdamW fused",
                                "optimizers": shape_results}
         del entries
     return results
@@ -292,7 +320,8 @@ def run_jax(shapes, rounds, compile_rounds, progress):
             seconds, compile_seconds = statistics.median(times), statistics.median(step.compile_times)
             shape_results[name] = {
                 "framework": "jax", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
-                "state_bytes": int(step.state_bytes), "bytes_moved_per_step": None, "floor_fraction": None,
+                "state_bytes": int(step.state_bytes), "bytes_moved_per_step": None, "bytes_read_per_step": None,
+                "floor_fraction": None, "read_floor_fraction": None,
                 "compile_s": compile_seconds, "compile_ratio_to_yardstick": compile_seconds / yardstick_compile,
                 "compile_s_each": step.compile_times,
                 "transient_bytes": int(step.temp_bytes),
@@ -331,7 +360,7 @@ def run_speed(quick, frameworks=("torch", "jax"), progress=True):
             "compile_rounds": compile_rounds,
             "transient_memory": {"torch": "peak RSS growth during one step" if track_transient else "not measured",
                                  "jax": "XLA's temporary buffer per step (compiled.memory_analysis())"},
-            "bytes_per_param_model": BYTES_PER_PARAM, **timed}
+            "bytes_per_param_model": BYTES_PER_PARAM, "bytes_read_per_param_model": BYTES_READ_PER_PARAM, **timed}
 
 
 if __name__ == "__main__":

@@ -43,7 +43,12 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
             assert block["optimizers"][yardstick]["ratio_to_yardstick"] == 1.0
             for name, entry in block["optimizers"].items():
                 assert math.isfinite(entry["step_ms_median"]) and entry["step_ms_median"] > 0, (shape, name)
-    assert 0 < report["speed"]["torch"]["large"]["floor_gb_per_s"] < 10_000
+    for shape, block in report["speed"]["torch"].items():
+        assert 0 < block["floor_gb_per_s"] < 10_000 and 0 < block["read_floor_gb_per_s"] < 10_000, shape
+        for name, entry in block["optimizers"].items():
+            # Every update reads no more than it moves, and at least p and g.
+            assert 8 * block["n_params"] <= entry["bytes_read_per_step"] <= entry["bytes_moved_per_step"], (shape, name)
+            assert entry["read_floor_fraction"] > 0, (shape, name)
     # JAX compile time: the median of one compile per round.
     for shape, block in report["speed"]["jax"].items():
         for name, entry in block["optimizers"].items():
