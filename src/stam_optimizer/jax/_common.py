@@ -154,7 +154,7 @@ def skip_nonfinite_steps(scaling, *rest):
         direction, scaling_state, finite = scaling.update(updates, scaling_state, params)
         new_updates, new_rest_state = rest.update(direction, tuple(rest_state), params)
         new_rest_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_rest_state, tuple(rest_state))
-        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, 0), new_updates)
         return new_updates, SkipNonfiniteState((scaling_state, *new_rest_state), _count_skip(state, finite))
 
     return optax.GradientTransformation(init, update)

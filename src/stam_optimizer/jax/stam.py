@@ -102,7 +102,7 @@ def scale_by_stam(b1_base=0.9, b2=0.999, adapt_strength=0.2, tau_decay=0.99, eps
         directions, new_mus, new_nus = [], [], []
         coefficients = per_tensor_scalars(beta1_step, inverse_correction)
         for grad, mu, nu, (tensor_beta1, tensor_correction) in zip(grads, mus, nus, coefficients):
-            grad = jnp.where(finite, grad, jnp.zeros_like(grad))
+            grad = jnp.where(finite, grad, 0)
             mu = (tensor_beta1 * mu + (1 - tensor_beta1) * grad).astype(mu.dtype)
             nu = (b2_step * nu + b2_complement_step * jnp.square(grad)).astype(nu.dtype)
             directions.append((mu * tensor_correction / (jnp.sqrt(nu / nu_correction) + eps)).astype(grad.dtype))
