@@ -12,10 +12,9 @@ round-robin over several rounds and the median is kept, so drift of the
 machine hits all of them alike. The machine's memory-bandwidth floor is the
 time of an in-place ``mul_`` over a buffer of the same bytes (read + write),
 timed in the same rounds (median); its read floor is the time of a ``sum``
-over a buffer of as many bytes as fused AdamW reads, in the same rounds. Where
-reads set a step's time, as on hosts whose streaming reads are slower than
-their reads and writes together, the ratio of two optimizers' read floors is
-the least ratio of their step times.
+over a buffer of as many bytes as fused AdamW reads, in the same rounds. A
+pass that only reads (STAM's statistics, a non-finite check) is bound by the
+read floor, which on some hosts is well below the bandwidth floor.
 
 Transient memory, PyTorch: the growth of the process's peak resident set
 (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) during one step
