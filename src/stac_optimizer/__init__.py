@@ -1,4 +1,4 @@
-"""STAC: SignSGD Trunk, AdamW Cap.
+"""STAC: SignSGD Trunk, AdamW Cap, under the seeds' package name (the implementation is ``stac_stam``).
 
 PyTorch: ``from stac_optimizer import STAC``. JAX/optax: ``from stac_optimizer.optax import stac``.
 The PyTorch names are imported on first use, so ``stac_optimizer.optax`` works without torch.
@@ -7,10 +7,10 @@ The PyTorch names are imported on first use, so ``stac_optimizer.optax`` works w
 import importlib
 
 _TORCH_EXPORTS = {
-    "STAC": "stac_optimizer.stac",
-    "LayerGroup": "stac_optimizer.partition",
-    "STACPartition": "stac_optimizer.partition",
-    "partition_trainable_layers": "stac_optimizer.partition",
+    "STAC": "stac_stam.torch.stac",
+    "LayerGroup": "stac_stam.partition",
+    "STACPartition": "stac_stam.partition",
+    "partition_trainable_layers": "stac_stam.partition",
 }
 
 __all__ = list(_TORCH_EXPORTS)

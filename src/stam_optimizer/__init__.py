@@ -1,4 +1,4 @@
-"""STAM: Stable Training with Adaptive Momentum (and its cheaper approximation STAMLite).
+"""STAM and STAMLite under the seed's package name (the implementation is ``stac_stam``).
 
 JAX: ``from stam_optimizer import STAM, STAMLite`` (the seed's API) or the optax
 transformations ``stam`` / ``stam_lite``. PyTorch: ``from stam_optimizer.torch import STAM, STAMLite``.
@@ -8,13 +8,13 @@ The JAX names are imported on first use, so ``stam_optimizer.torch`` works witho
 import importlib
 
 _JAX_EXPORTS = {
-    "STAM": "stam_optimizer.jax.stam",
-    "stam": "stam_optimizer.jax.stam",
-    "STAMState": "stam_optimizer.jax.stam",
-    "STAMLite": "stam_optimizer.jax.stam_lite",
-    "stam_lite": "stam_optimizer.jax.stam_lite",
-    "STAMLiteState": "stam_optimizer.jax.stam_lite",
-    "per_tensor": "stam_optimizer.jax._common",
+    "STAM": "stac_stam.jax.stam",
+    "stam": "stac_stam.jax.stam",
+    "STAMState": "stac_stam.jax.stam",
+    "STAMLite": "stac_stam.jax.stam_lite",
+    "stam_lite": "stac_stam.jax.stam_lite",
+    "STAMLiteState": "stac_stam.jax.stam_lite",
+    "per_tensor": "stac_stam.jax._common",
 }
 
 __all__ = list(_JAX_EXPORTS)

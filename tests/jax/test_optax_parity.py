@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import reference
-from stam_optimizer import per_tensor, stam, stam_lite
+from stac_stam.jax import per_tensor, stam, stam_lite
 
 # name -> factory(learning_rate, **hyperparameters) of an optax GradientTransformation.
 OPTIMIZERS_UNDER_TEST = {
@@ -201,7 +201,7 @@ def test_per_tensor_scalars_hand_each_tensor_its_entries_bit_for_bit():
     # The update kernels read their coefficients through these; zeros' signs, NaN and infinities included,
     # nothing may change, and no entry may land at another tensor across the reductions' chunks. (Subnormals
     # are left out: XLA's CPU kernels flush them to zero in any arithmetic.)
-    from stam_optimizer.jax._common import SCALARS_PER_REDUCTION, per_tensor_scalars
+    from stac_stam.jax._common import SCALARS_PER_REDUCTION, per_tensor_scalars
 
     specials = np.array([1.5, -0.0, 0.0, np.nan, np.inf, -np.inf, 1.2e-38, -3.4e38, 0.9], np.float32)
     count = 2 * SCALARS_PER_REDUCTION + 5
@@ -217,7 +217,7 @@ def test_per_tensor_scalars_hand_each_tensor_its_entries_bit_for_bit():
 def test_per_tensor_sums_stack_small_tensors_without_changing_a_sum():
     # Small tensors of one size (and dtype) are stacked before the element-wise function runs; each sum must
     # still be its own tensor's, in its tensor's place, an empty tensor's 0.
-    from stam_optimizer.jax._common import SMALL_TENSOR, per_tensor_sums
+    from stac_stam.jax._common import SMALL_TENSOR, per_tensor_sums
 
     rng = np.random.default_rng(3)
     shapes_and_dtypes = [((272,), jnp.float32), ((300, 300), jnp.float32), ((272,), jnp.bfloat16), ((0,), jnp.float32),
@@ -268,7 +268,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from stam_optimizer import stam, stam_lite
+    from stac_stam.jax import stam, stam_lite
 
     mesh = Mesh(np.array(jax.devices()).reshape(4), ("model",))
     params = {"kernel": jnp.arange(64.0).reshape(8, 8) / 64.0, "bias": jnp.linspace(-1, 1, 8)}

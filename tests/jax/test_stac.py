@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import reference
-from stac_optimizer.optax import stac, stac_partition, stac_recommended
+from stac_stam.jax import stac, stac_partition, stac_recommended
 
 GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stac.json").read_text())
 

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import reference
-from stam_optimizer import STAM, per_tensor, stam
-from stam_optimizer.jax.stam import VARIANCE_CAP
+from stac_stam.jax import STAM, per_tensor, stam
+from stac_stam.jax.stam import VARIANCE_CAP
 
 GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stam.json").read_text())
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import reference
-from stam_optimizer import STAMLite, per_tensor, stam_lite
+from stac_stam.jax import STAMLite, per_tensor, stam_lite
 
 GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stam_lite.json").read_text())
 

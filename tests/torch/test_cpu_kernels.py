@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stac_optimizer import _cpu_kernels
+from stac_stam.torch import _cpu_kernels
 
 # Around the kernels' chunk of 16384 elements, and the empty and one-element cases.
 SIZES = (0, 1, 7, 16383, 16384, 16385, 40000)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import reference
-from stac_optimizer import STAC
+from stac_stam.torch import STAC
 
 GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stac.json").read_text())
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import reference
-from stam_optimizer.torch import STAM
-from stam_optimizer.torch.stam import VARIANCE_CAP
+from stac_stam.torch import STAM
+from stac_stam.torch.stam import VARIANCE_CAP
 
 GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stam.json").read_text())
 STATE_KEYS = {"exp_avg": "mu", "exp_avg_sq": "nu", "variance": "variance", "scale": "scale", "beta1": "beta1",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reference
-from stam_optimizer.torch import STAMLite
+from stac_stam.torch import STAMLite
 
 GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stam_lite.json").read_text())
 STATE_KEYS = {"exp_avg": "mu", "grad_mean": "grad_mean", "grad_sq_mean": "grad_sq_mean", "beta1": "beta1",

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from stac_optimizer import STAC
-from stam_optimizer.torch import STAM, STAMLite
+from stac_stam.torch import STAC, STAM, STAMLite
 
 # name -> factory(model, **hyperparameters)
 OPTIMIZERS_UNDER_TEST = {
@@ -239,7 +238,7 @@ def test_compiled_training_step_matches_eager_while_the_lr_changes(name):
 @pytest.fixture
 def without_cpu_kernels(monkeypatch):
     """STAM and STAMLite run TensorKernel's forms, as where the C kernels cannot be built."""
-    from stac_optimizer import _cpu_kernels
+    from stac_stam.torch import _cpu_kernels
 
     monkeypatch.setattr(_cpu_kernels, "_library", False)
 
@@ -247,13 +246,12 @@ def without_cpu_kernels(monkeypatch):
 @pytest.fixture
 def compile_every_tensor(monkeypatch, without_cpu_kernels):
     """Run even the test models' small tensors through the compiled kernels; yields a count of compiled calls."""
-    from stac_optimizer import _torch_common, stac
-    from stac_optimizer._torch_common import TensorKernel
-    from stam_optimizer.torch import stam, stam_lite
+    from stac_stam.torch import _base, stac, stam, stam_lite
+    from stac_stam.torch._base import TensorKernel
 
     monkeypatch.setattr(TensorKernel, "compiled_min_numel", 0)
     compiled_calls = []
-    kernels = [value for module in (_torch_common, stac, stam, stam_lite) for value in vars(module).values()
+    kernels = [value for module in (_base, stac, stam, stam_lite) for value in vars(module).values()
                if isinstance(value, TensorKernel)]
     assert len(kernels) == 8
     for kernel in kernels:
@@ -268,7 +266,7 @@ def compile_every_tensor(monkeypatch, without_cpu_kernels):
 @pytest.fixture
 def count_batches(monkeypatch):
     """Count the calls that run several small tensors as one flat batch."""
-    from stac_optimizer._torch_common import TensorKernel
+    from stac_stam.torch._base import TensorKernel
 
     batches = []
     run_batch = TensorKernel._batch
@@ -284,7 +282,7 @@ def count_batches(monkeypatch):
 @pytest.fixture
 def count_cpu_kernel_calls(monkeypatch):
     """Count the calls of the C kernels, by name."""
-    from stac_optimizer import _cpu_kernels
+    from stac_stam.torch import _cpu_kernels
 
     calls = []
     run = _cpu_kernels.run

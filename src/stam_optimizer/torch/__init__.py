@@ -1,6 +1,6 @@
-"""STAM and STAMLite for PyTorch: ``from stam_optimizer.torch import STAM, STAMLite``."""
+"""STAM and STAMLite for PyTorch under the seed's package name: ``from stam_optimizer.torch import STAM, STAMLite``."""
 
-from stam_optimizer.torch.stam import STAM
-from stam_optimizer.torch.stam_lite import STAMLite
+from stac_stam.torch.stam import STAM
+from stac_stam.torch.stam_lite import STAMLite
 
 __all__ = ["STAM", "STAMLite"]

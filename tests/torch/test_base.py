@@ -2,7 +2,7 @@
 
 import torch
 
-from stac_optimizer._torch_common import TensorKernel
+from stac_stam.torch._base import TensorKernel
 
 
 def _mean_square(grad, *, scale, mean):

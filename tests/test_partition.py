@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from stac_optimizer import STAC, partition_trainable_layers
+from stac_stam.partition import partition_trainable_layers
+from stac_stam.torch import STAC
 
 
 def mlp():

@@ -1,0 +1,360 @@
+"""STAC for JAX/optax: the same trunk/cap split and the same numbers as the PyTorch STAC.
+
+``from stac_stam.jax import stac, stac_partition`` (seed API: ``from stac_optimizer.optax import ...``), and
+``stac_recommended``, the ablation's configuration.
+"""
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stac_stam.jax._common import all_finite_flag, check_range, scalar_dtype, skip_nonfinite_steps, skip_weights
+from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
+
+ROOT_LAYER_NAME = "<root>"
+# A layer whose own name matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f, norm1).
+NORM_LAYER_NAME = re.compile(r"(norm|^ln(_|\d|$))", re.IGNORECASE)
+
+
+def _is_array(leaf):
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def _walk(node, path, layers):
+    """Collect (path, own leaf keys) per layer in the tree's insertion order, depth first."""
+    if isinstance(node, Mapping):
+        items = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = list(enumerate(node))
+    else:
+        raise TypeError(f"stac_partition walks dicts, lists and tuples of arrays; got {type(node).__name__} at "
+                        f"{'/'.join(map(str, path)) or ROOT_LAYER_NAME}: pass flax/equinox state as a pure dict "
+                        "(e.g. nnx.State.to_pure_dict()) or give partition= explicitly")
+    own = [key for key, child in items if _is_array(child)]
+    if own:
+        layers.append((path, own))
+    for key, child in items:
+        if not _is_array(child) and child is not None:
+            _walk(child, path + (key,), layers)
+
+
+def _path_key(jax_path):
+    return tuple(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))) for entry in jax_path)
+
+
+@dataclass(frozen=True)
+class PytreePartition:
+    """Which layers of a pytree are the sign trunk and which the AdamW cap.
+
+    A layer is a mapping (or list) that directly holds array leaves, named by
+    its path joined with ``/`` (``"<root>"`` for the top level). Labels are kept
+    per leaf path, so they apply to the same tree whatever order its keys come in.
+    """
+
+    sign_layer_names: tuple
+    adamw_layer_names: tuple
+    label_by_path: Mapping  # leaf path (tuple of keys) -> "sign" or "adamw"
+
+    # Seed 000's names.
+    trunk_layer_names = property(lambda self: self.sign_layer_names)
+    cap_layer_names = property(lambda self: self.adamw_layer_names)
+
+    def labels(self, params):
+        """A tree like ``params`` with ``"sign"`` or ``"adamw"`` at every leaf."""
+        def label(path, _):
+            key = _path_key(path)
+            if key not in self.label_by_path:
+                raise ValueError(f"parameter {'/'.join(map(str, key))} is not in the STAC partition; the partition "
+                                 "was resolved from a different tree")
+            return self.label_by_path[key]
+        return jax.tree_util.tree_map_with_path(label, params)
+
+
+def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_params=None):
+    """Split a parameter pytree into a sign trunk and an AdamW cap, in the tree's insertion order.
+
+    The order is the one the mappings were built in (definition order in
+    flax.linen and flax.nnx pure dicts), NOT the sorted-key order of
+    ``jax.tree_util`` flattening; call this on the tree as your model created
+    it, before it has passed through ``jax.jit`` (which returns dicts with
+    sorted keys). ``last_n_layers`` as in PyTorch: 0 keeps everything in the
+    trunk, an oversized value moves everything to the cap.
+    ``adamw_norm_layers=True`` also sends every layer whose name matches
+    ``norm`` or ``ln`` to the cap; ``adamw_params`` is a predicate over leaf
+    paths (``"params/Dense_0/bias"``) that sends matching leaves to the cap.
+    """
+    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
+        raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r}")
+    layers = []
+    _walk(params, (), layers)
+    if not layers:
+        raise ValueError("params has no array leaves: STAC needs at least one parameter")
+    first_cap = max(len(layers) - last_n_layers, 0)
+    sign_names, adamw_names, label_by_path = [], [], {}
+    for index, (path, keys) in enumerate(layers):
+        name = "/".join(map(str, path)) or ROOT_LAYER_NAME
+        whole_layer_to_cap = index >= first_cap or (
+            adamw_norm_layers and bool(path) and NORM_LAYER_NAME.search(str(path[-1])))
+        roles = set()
+        for key in keys:
+            leaf_path = path + (key,)
+            to_cap = whole_layer_to_cap or (adamw_params is not None and adamw_params("/".join(map(str, leaf_path))))
+            label_by_path[leaf_path] = "adamw" if to_cap else "sign"
+            roles.add(label_by_path[leaf_path])
+        if "sign" in roles:
+            sign_names.append(name)
+        if "adamw" in roles:
+            adamw_names.append(name)
+    return PytreePartition(tuple(sign_names), tuple(adamw_names), label_by_path)
+
+
+class SignMomentumState(NamedTuple):
+    """State of ``scale_by_sign_momentum``."""
+
+    momentum: optax.Updates  # m, stored in sign_state_dtype
+
+
+def scale_by_sign_momentum(sign_momentum, sign_state_dtype=None):
+    """``sign(m)`` with ``m <- beta m + (1 - beta) g`` (``sign(g)`` and no state when beta = 0).
+
+    m is updated in float32 at least and stored in ``sign_state_dtype``
+    (default: the parameter's). ``update(..., finite=flag)``: when the 0-d
+    ``flag`` is False the step is taken with g = 0 and beta = 1, which leaves m
+    exactly as it was (see ``skip_nonfinite_steps``).
+    """
+
+    def init(params):
+        if sign_momentum == 0:
+            return optax.EmptyState()
+        return SignMomentumState(jax.tree.map(lambda p: jnp.zeros_like(p, dtype=sign_state_dtype or p.dtype), params))
+
+    def update(updates, state, params=None, finite=True):
+        del params
+        if sign_momentum == 0:
+            return jax.tree.map(jnp.sign, updates), state
+        beta, grad_weight = skip_weights(finite, sign_momentum)
+
+        def leaf(grad, momentum):
+            dtype = scalar_dtype(grad)
+            g = jnp.where(finite, grad, 0).astype(dtype)
+            new_momentum = beta * momentum.astype(dtype) + grad_weight * g
+            return jnp.sign(new_momentum).astype(grad.dtype), new_momentum.astype(momentum.dtype)
+
+        per_leaf = jax.tree.map(leaf, updates, state.momentum)
+        direction, momentum = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(2))
+        return direction, SignMomentumState(momentum)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+class SNRSignState(NamedTuple):
+    """State of ``scale_by_snr_sign``."""
+
+    count: jax.Array  # int32, steps taken
+    momentum: optax.Updates  # m, stored in sign_state_dtype
+    grad_sq_mean: optax.Updates  # per tensor (0-d): v, EMA of mean(g^2)
+
+
+def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
+    """``s * sign(m)`` per tensor, ``s = mean|m_hat| / (sqrt(v_hat) + eps)`` (STAC's ``sign_step_scale="snr"``).
+
+    ``m <- beta m + (1 - beta) g`` and ``v <- b2 v + (1 - b2) mean(g^2)``, both
+    bias-corrected in ``s``; see ``stac_stam.torch.stac.sign_update`` for why.
+    ``update(..., finite=flag)`` as in ``scale_by_sign_momentum``.
+    """
+
+    def init(params):
+        return SNRSignState(
+            count=jnp.zeros([], jnp.int32),
+            momentum=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=sign_state_dtype or p.dtype), params),
+            grad_sq_mean=jax.tree.map(lambda p: jnp.zeros([], scalar_dtype(p)), params))
+
+    def update(updates, state, params=None, finite=True):
+        del params
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+        beta, grad_weight = skip_weights(finite, sign_momentum)
+        b2_step, b2_complement = skip_weights(finite, b2)
+
+        def leaf(grad, momentum, grad_sq_mean):
+            dtype = grad_sq_mean.dtype
+            new_momentum = beta * momentum.astype(dtype) + grad_weight * jnp.where(finite, grad, 0).astype(dtype)
+            # The mean of g itself, dropped on a skipped step: a mean of the zeroed g made XLA write that g out.
+            square_mean = jnp.where(finite, jnp.mean(jnp.square(grad.astype(dtype))), 0)
+            grad_sq_mean = b2_step * grad_sq_mean + b2_complement * square_mean
+            t = count.astype(dtype)
+            scale = jnp.mean(jnp.abs(new_momentum)) / (1 - sign_momentum ** t) / (
+                jnp.sqrt(grad_sq_mean / (1 - b2 ** t)) + eps)
+            direction = (scale * jnp.sign(new_momentum)).astype(grad.dtype)
+            return direction, new_momentum.astype(momentum.dtype), grad_sq_mean
+
+        per_leaf = jax.tree.map(leaf, updates, state.momentum, state.grad_sq_mean)
+        direction, momentum, grad_sq_mean = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(3))
+        return direction, SNRSignState(count, momentum, grad_sq_mean)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def scale_by_adam(b1, b2, eps):
+    """``optax.scale_by_adam``'s direction, written with the same expressions (so the cap equals
+    ``optax.adamw``), plus ``update(..., finite=flag)`` as in ``scale_by_sign_momentum`` (b1 = b2 = 1, g = 0)."""
+
+    def init(params):
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(jnp.zeros_like, params),
+                                      nu=jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params=None, finite=True):
+        del params
+        b1_step, b1_complement = skip_weights(finite, b1)
+        b2_step, b2_complement = skip_weights(finite, b2)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0), updates)
+        mu = jax.tree.map(lambda g, t: b1_complement * g + b1_step * t, grads, state.mu)
+        nu = jax.tree.map(lambda g, t: b2_complement * g ** 2 + b2_step * t, grads, state.nu)
+        count_inc = optax.safe_increment(state.count)
+        mu_hat, nu_hat = optax.tree.bias_correction(mu, b1, count_inc), optax.tree.bias_correction(nu, b2, count_inc)
+        direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+        return direction, optax.ScaleByAdamState(jnp.where(finite, count_inc, state.count), mu, nu)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _judged(directions):
+    """``directions`` (blocks taking ``finite=``) as ``skip_nonfinite_steps`` wants them: one finiteness read of
+    every gradient decides the step."""
+
+    def update(updates, state, params=None):
+        finite = all_finite_flag(updates)
+        direction, state = directions.update(updates, state, params, finite=finite)
+        return direction, state, finite
+
+    return optax.GradientTransformation(directions.init, update)
+
+
+def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_scale=None, sign_state_dtype=None,
+         b1=0.9, b2=0.999, betas=None, eps=1e-8, weight_decay=1e-2, sign_weight_decay=None, adamw_weight_decay=None,
+         sign_learning_rate=None, adamw_norm_layers=False, adamw_params=None, partition=None):
+    r"""STAC as an ``optax.GradientTransformation``: a sign-momentum trunk and an ``optax.adamw`` cap.
+
+    The same algorithm, defaults and learning-rate split as ``stac_optimizer.STAC``
+    (PyTorch), in optax spelling (``learning_rate``, ``b1``/``b2`` or ``betas``)::
+
+        trunk:  p <- p (1 - lr_s wd_s);  m <- beta m + (1 - beta) g;  p <- p - lr_s s sign(m)
+        cap:    optax.adamw(lr, b1, b2, eps, wd_a)     (equal to torch.optim.AdamW)
+
+    with s = 1, or the per-tensor "snr" scale with ``sign_step_scale="snr"``
+    (see ``scale_by_snr_sign``); ``lr_s = 0.75 * learning_rate`` when there is
+    a cap and ``learning_rate`` when every layer is in the trunk, unless
+    ``sign_learning_rate`` gives it (either may be a schedule). The partition
+    comes from ``stac_partition`` on the params given to ``init`` (call
+    ``init`` eagerly on your model's own tree), or from
+    ``partition=stac_partition(params, ...)`` given explicitly — print
+    ``partition.sign_layer_names`` / ``adamw_layer_names`` to check it before the
+    first step. A step whose gradients hold NaN/Inf changes nothing and is
+    counted in ``state.nonfinite_skipped_steps``.
+
+    Under ``optax.inject_hyperparams``, which builds the transformation anew
+    for every update, give ``partition=`` and list ``last_n_layers`` and
+    ``sign_momentum`` (they shape the state) in ``static_args``; the learning
+    rates, betas, eps and weight decays can be injected.
+
+    Example::
+
+        partition = stac_partition(params, last_n_layers=1)
+        optimizer = stac(learning_rate=1e-3, partition=partition)
+        state = optimizer.init(params)
+        updates, state = jax.jit(optimizer.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    """
+    if betas is not None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
+        if (b1, b2) != (0.9, 0.999) and tuple(betas) != (b1, b2):
+            raise ValueError(f"give betas or b1/b2, not both: got betas={betas!r}, b1={b1!r}, b2={b2!r}")
+        b1, b2 = betas
+    # Both shape the state (which layers have a cap, whether the trunk keeps a momentum): Python numbers only.
+    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
+        raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r} (under "
+                         "optax.inject_hyperparams, list it in static_args)")
+    if isinstance(sign_momentum, bool) or not isinstance(sign_momentum, (int, float)):
+        raise ValueError(f"sign_momentum must be a number in [0, 1), got {sign_momentum!r} (under "
+                         "optax.inject_hyperparams, list it in static_args)")
+    for name, value in (("learning_rate", learning_rate), ("sign_learning_rate", sign_learning_rate)):
+        if value is not None and not callable(value):
+            check_range(name, value, 0.0)
+    check_range("sign_momentum", sign_momentum, 0.0, 1.0, high_open=True)
+    if sign_step_scale not in (None, "snr"):
+        raise ValueError(f"sign_step_scale must be None or 'snr', got {sign_step_scale!r}")
+    if sign_step_scale == "snr" and sign_momentum == 0:
+        raise ValueError("sign_step_scale='snr' scales by the momentum's size; it needs sign_momentum > 0")
+    check_range("b1", b1, 0.0, 1.0, high_open=True)
+    check_range("b2", b2, 0.0, 1.0, high_open=True)
+    check_range("eps", eps, 0.0)
+    for name, value in (("weight_decay", weight_decay), ("sign_weight_decay", sign_weight_decay),
+                        ("adamw_weight_decay", adamw_weight_decay)):
+        if value is not None:
+            check_range(name, value, 0.0)
+
+    resolved = {"partition": partition}
+
+    def trunk_learning_rate(count):
+        if sign_learning_rate is not None:
+            return sign_learning_rate(count) if callable(sign_learning_rate) else sign_learning_rate
+        # Read when the update is traced, after init resolved the partition.
+        part = resolved["partition"]
+        scale = SIGN_LR_SCALE if part.sign_layer_names and part.adamw_layer_names else 1.0
+        return scale * (learning_rate(count) if callable(learning_rate) else learning_rate)
+
+    labels = lambda tree: resolved["partition"].labels(tree)  # noqa: E731
+    if sign_step_scale == "snr":
+        sign_direction = scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype)
+    else:
+        sign_direction = scale_by_sign_momentum(sign_momentum, sign_state_dtype)
+    directions = optax.partition({"sign": sign_direction, "adamw": scale_by_adam(b1, b2, eps)}, labels)
+    rates = optax.partition({
+        "sign": optax.chain(optax.add_decayed_weights(weight_decay if sign_weight_decay is None else sign_weight_decay),
+                            optax.scale_by_learning_rate(trunk_learning_rate)),
+        "adamw": optax.chain(optax.add_decayed_weights(weight_decay if adamw_weight_decay is None
+                                                       else adamw_weight_decay),
+                             optax.scale_by_learning_rate(learning_rate)),
+    }, labels)
+    transformation = skip_nonfinite_steps(_judged(directions), rates)
+
+    def init(params):
+        if resolved["partition"] is None:
+            resolved["partition"] = stac_partition(params, last_n_layers, adamw_norm_layers=adamw_norm_layers,
+                                                   adamw_params=adamw_params)
+        return transformation.init(params)
+
+    def update(updates, state, params=None):
+        if resolved["partition"] is None:
+            raise ValueError(
+                "stac has no partition: call init on your model's own parameter tree first, or pass "
+                "partition=stac_partition(params, ...) (needed when the transformation is built anew for the "
+                "update, as optax.inject_hyperparams does)")
+        return transformation.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def stac_recommended(learning_rate=3e-3, **overrides):
+    """``stac`` as the benchmark's ablation recommends it, like ``STAC.recommended`` in PyTorch.
+
+    SNR-scaled sign steps (``sign_step_scale="snr"``) with the trunk at
+    ``3 * learning_rate``, and the trunk momentum in bfloat16; everything else
+    at ``stac``'s defaults, and ``overrides`` go to ``stac`` and win.
+    ``learning_rate`` may be a schedule.
+    """
+    scale = RECOMMENDED_SIGN_LR_SCALE
+    options = dict(sign_step_scale="snr", sign_state_dtype=jnp.bfloat16,
+                   sign_learning_rate=(lambda count: scale * learning_rate(count)) if callable(learning_rate)
+                   else scale * learning_rate)
+    options.update(overrides)
+    return stac(learning_rate, **options)
+
+
+__all__ = ["stac", "stac_recommended", "stac_partition", "PytreePartition", "scale_by_sign_momentum",
+           "scale_by_snr_sign", "scale_by_adam"]

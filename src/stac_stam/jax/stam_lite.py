@@ -1,0 +1,157 @@
+"""STAMLite for JAX/optax: STAM's adaptive beta1 from cheap tensor moments, RMS denominator (seed 002)."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stac_stam.jax._common import (SeedOptimizer, check_range, gradients_finite, per_tensor_means,
+                                    per_tensor_scalars, per_tensor_vector, skip_nonfinite_steps)
+
+
+class STAMLiteState(NamedTuple):
+    """State of ``scale_by_stam_lite``. ``mu`` is a pytree like the parameters; the tensor-level fields are
+    vectors with one entry per parameter tensor, in ``jax.tree.leaves(params)`` order (see
+    ``per_tensor_vector``)."""
+
+    count: jax.Array  # int32, steps taken
+    mu: optax.Updates  # first moment, stored in state_dtype
+    grad_mean: jax.Array  # per tensor: EMA of mean(g)
+    grad_sq_mean: jax.Array  # per tensor: EMA of mean(g^2)
+    beta1: jax.Array  # per tensor: the beta1 in use (recomputed every beta1_update_interval steps)
+    beta1_product: jax.Array  # per tensor: product of every beta1 used, for bias correction
+
+
+def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1_update_interval=5,
+                       state_dtype=jnp.float32, eps=1e-8):
+    r"""STAMLite's direction, as a block for ``skip_nonfinite_steps``: ``mu_hat / RMS``.
+
+    Per tensor, at step t (1-based), with gradient g and k = beta1_update_interval::
+
+        E[g]_t   = moment_decay E[g]_{t-1}   + (1 - moment_decay) mean(g)
+        E[g^2]_t = moment_decay E[g^2]_{t-1} + (1 - moment_decay) mean(g^2)
+        z        = max(E[g^2]_t - E[g]_t^2, 0) / (E[g^2]_t + eps),   s = z / (1 + z)
+        beta1    = clip(b1_base (1 - adapt_strength s), b1_base (1 - adapt_strength), b1_base)
+                   recomputed on steps 1, 1 + k, 1 + 2k, ..., held in between
+        mu_t     = beta1 mu_{t-1} + (1 - beta1) g                 (stored in state_dtype)
+        out      = [mu_t / (1 - prod_i beta1_i)] / (sqrt(E[g^2]_t / (1 - moment_decay^t)) + eps)
+
+    No per-parameter second moment: the denominator is one number per tensor.
+    If the moments are not finite, beta1 falls back to b1_base and they keep
+    their previous values. The tensor-level rule runs once over vectors of all
+    tensors' statistics. ``update`` returns ``(direction, state, finite)``:
+    ``finite`` is False when a gradient holds NaN or Inf (judged from the
+    moments' means, see ``gradients_finite``), and then the state is returned
+    exactly as it was, without a ``lax.cond``: see ``skip_nonfinite_steps``.
+    """
+
+    def init(params):
+        return STAMLiteState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=state_dtype), params),  # keeps p's sharding
+            grad_mean=per_tensor_vector(params, 0),
+            grad_sq_mean=per_tensor_vector(params, 0),
+            beta1=per_tensor_vector(params, b1_base),
+            beta1_product=per_tensor_vector(params, 1),
+        )
+
+    def update(updates, state, params=None):
+        del params
+        grads, treedef = jax.tree.flatten(updates)
+        stat_dtype = state.grad_mean.dtype
+        mean = per_tensor_means(lambda grad: grad.astype(stat_dtype), (grads,), stat_dtype)
+        square_mean = per_tensor_means(lambda grad: jnp.square(grad.astype(stat_dtype)), (grads,), stat_dtype)
+        finite = gradients_finite(updates, (mean, square_mean))
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+
+        # The statistics of a skipped step are dropped.
+        new_mean = moment_decay * state.grad_mean + (1 - moment_decay) * mean
+        new_sq_mean = moment_decay * state.grad_sq_mean + (1 - moment_decay) * square_mean
+        moments_finite = jnp.isfinite(new_mean) & jnp.isfinite(new_sq_mean)
+        keep = finite & moments_finite
+        grad_mean = jnp.where(keep, new_mean, state.grad_mean)
+        grad_sq_mean = jnp.where(keep, new_sq_mean, state.grad_sq_mean)
+        z = jnp.maximum(grad_sq_mean - jnp.square(grad_mean), 0) / (grad_sq_mean + eps)
+        adapted = jnp.clip(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
+        refresh = (count - 1) % beta1_update_interval == 0
+        beta1 = jnp.where(finite, jnp.where(moments_finite, jnp.where(refresh, adapted, state.beta1), b1_base),
+                          state.beta1).astype(stat_dtype)
+        # A skipped step is taken with g = 0 and beta1 = 1, which leaves mu exactly as it was.
+        beta1_step = jnp.where(finite, beta1, 1).astype(stat_dtype)
+        beta1_product = state.beta1_product * beta1_step
+        # XLA divides a tensor by a scalar as a multiply by its reciprocal; taken here, the reciprocals are
+        # two vector operations, not two kernels per tensor.
+        inverse_correction = 1 / (1 - beta1_product)
+        inverse_rms = 1 / (jnp.sqrt(grad_sq_mean / (1 - moment_decay ** count.astype(stat_dtype))) + eps)
+
+        directions, mus = [], []
+        coefficients = per_tensor_scalars(beta1_step, inverse_correction * inverse_rms)
+        for grad, mu, (tensor_beta1, step_scale) in zip(grads, treedef.flatten_up_to(state.mu), coefficients):
+            mu_full = tensor_beta1 * mu.astype(stat_dtype) + (1 - tensor_beta1) * jnp.where(
+                finite, grad.astype(stat_dtype), 0)
+            directions.append((mu_full * step_scale).astype(grad.dtype))
+            mus.append(mu_full.astype(mu.dtype))
+        state = STAMLiteState(count, treedef.unflatten(mus), grad_mean, grad_sq_mean, beta1, beta1_product)
+        return treedef.unflatten(directions), state, finite
+
+    return optax.GradientTransformation(init, update)
+
+
+def stam_lite(learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength=0.2, moment_decay=0.99,
+              beta1_update_interval=5, state_dtype=None, eps=1e-8, mask=None):
+    r"""STAMLite as an ``optax.GradientTransformation`` (optax's sign: ``optax.apply_updates`` adds it).
+
+    ``params <- params - learning_rate * (direction + weight_decay * params)``,
+    ``direction`` from ``scale_by_stam_lite``. Cheaper than STAM: one moment per
+    parameter (AdamW keeps two), tensor-level statistics only. Non-finite steps
+    change nothing and are counted in ``state.nonfinite_skipped_steps``.
+
+    =====================  ==========  ========  ==================================
+    argument               default     range     meaning
+    =====================  ==========  ========  ==================================
+    learning_rate          1e-3        >= 0      step size (or schedule)
+    b1_base                0.9         (0, 1)    base first-moment decay
+    weight_decay           0.01        >= 0      decoupled weight decay
+    adapt_strength         0.2         [0, 0.5]  how far beta1 may drop below b1_base
+    moment_decay           0.99        (0, 1)    decay of the gradient moments
+    beta1_update_interval  5           >= 1      recompute beta1 every k steps
+    state_dtype            None        dtype     storage dtype of mu (None: float32)
+    eps                    1e-8        > 0       denominator guard
+    =====================  ==========  ========  ==================================
+    """
+    if not callable(learning_rate):
+        check_range("learning_rate", learning_rate, 0.0)
+    check_range("b1_base", b1_base, 0.0, 1.0, low_open=True, high_open=True)
+    check_range("weight_decay", weight_decay, 0.0)
+    check_range("adapt_strength", adapt_strength, 0.0, 0.5)
+    check_range("moment_decay", moment_decay, 0.0, 1.0, low_open=True, high_open=True)
+    if isinstance(beta1_update_interval, (bool, float)) or (
+            isinstance(beta1_update_interval, int) and beta1_update_interval < 1):
+        raise ValueError(f"beta1_update_interval must be an integer >= 1, got {beta1_update_interval!r}")
+    # The default is None, not jnp.float32: optax.inject_hyperparams would take the callable
+    # jnp.float32 for a schedule. Under inject_hyperparams pass it in static_args.
+    try:
+        state_dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
+    except TypeError:
+        raise ValueError(f"state_dtype must be a floating dtype such as jnp.bfloat16, got {state_dtype!r}") from None
+    if not jnp.issubdtype(state_dtype, jnp.floating):
+        raise ValueError(f"state_dtype must be a floating dtype such as jnp.bfloat16, got {state_dtype!r}")
+    check_range("eps", eps, 0.0, low_open=True)
+    return skip_nonfinite_steps(
+        scale_by_stam_lite(b1_base, adapt_strength, moment_decay, beta1_update_interval, state_dtype, eps),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+class STAMLite(SeedOptimizer):
+    """STAMLite with seed 002's API: ``updates, state = opt.update(grads, state, params)``; ``params - updates``.
+
+    Arguments as ``stam_lite`` (without ``mask``), plus ``error_if_nonfinite`` (see ``STAM``).
+    """
+
+    def __init__(self, learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength=0.2, moment_decay=0.99,
+                 beta1_update_interval=5, state_dtype=None, eps=1e-8, error_if_nonfinite=False):
+        super().__init__(stam_lite(learning_rate, b1_base, weight_decay, adapt_strength, moment_decay,
+                                   beta1_update_interval, state_dtype, eps), error_if_nonfinite)

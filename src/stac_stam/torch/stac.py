@@ -1,0 +1,398 @@
+"""STAC for PyTorch: a SignSGD trunk and an AdamW cap."""
+
+import math
+
+import torch
+from torch.optim.adamw import adamw as adamw_functional
+
+from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
+from stac_stam.partition import partition_trainable_layers
+from stac_stam.torch._base import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
+                                   store_tensor_statistics)
+
+# Seed 000's argument names and the current names they stand for.
+ALIASES = {
+    "trunk_momentum": "sign_momentum",
+    "trunk_lr": "sign_lr",
+    "cap_lr": "adamw_lr",
+    "trunk_weight_decay": "sign_weight_decay",
+    "cap_weight_decay": "adamw_weight_decay",
+}
+
+
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _adamw_fusable(param):
+    return param.device.type in _FUSED_ADAMW_DEVICES and param.is_floating_point()
+
+
+# State entries that are one number per tensor (in the order _snr_statistics returns their new values); every
+# other state tensor has its parameter's shape.
+TENSOR_STATISTICS = ("grad_sq_mean", "step")
+
+
+def _sign_tensor_step(param, grad, momentum, *, lr, decay, sign_momentum, grad_weight, interpolation,
+                      interpolation_grad_weight):
+    dtype = sign_momentum.dtype  # float32, or float64 for float64 parameters
+    old_momentum, grad = momentum.to(dtype), grad.to(dtype)
+    direction = old_momentum * interpolation + grad * interpolation_grad_weight
+    momentum.copy_(old_momentum * sign_momentum + grad * grad_weight)
+    param.mul_(decay).sub_(lr * torch.sign(direction))
+
+
+def _snr_statistics(momentum, grad, *, grad_sq_mean, step, lr, sign_momentum, grad_weight, log_sign_momentum, b2,
+                    one_minus_b2, log_b2, eps, mean):
+    # One read of g and m; the new statistics and the scaled rate, none of the state changed. A kernel of its own:
+    # inside the update's loop, Inductor would evaluate the scalar rate once per vector (2x the time).
+    dtype = sign_momentum.dtype
+    g = grad.to(dtype)
+    new_momentum = momentum.to(dtype) * sign_momentum + g * grad_weight
+    new_step = step + 1
+    new_grad_sq_mean = b2 * grad_sq_mean + one_minus_b2 * mean(g.square())
+    # -expm1(t log x) = 1 - x^t, the bias corrections of m and of mean(g^2)
+    momentum_size = mean(new_momentum.abs()) / -torch.expm1(new_step * log_sign_momentum)
+    rms = (new_grad_sq_mean / -torch.expm1(new_step * log_b2)).sqrt() + eps
+    return torch.isfinite(grad).all(), new_grad_sq_mean, new_step, lr * momentum_size / rms
+
+
+def _plain_sign_tensor_step(param, grad, *, lr, decay):
+    param.mul_(decay).sub_(lr * torch.sign(grad))
+
+
+_sign_kernel = TensorKernel(_sign_tensor_step, writes=("param", "momentum"))
+_plain_sign_kernel = TensorKernel(_plain_sign_tensor_step, writes=("param",))
+_snr_statistics_kernel = TensorKernel(_snr_statistics)
+
+
+def snr_statistics(grads, states, *, lr, sign_momentum, b2, eps, maximize, fused):
+    """Phase one of a trunk step with ``sign_step_scale="snr"``: per tensor, whether g is finite, the new
+    ``grad_sq_mean`` and ``step``, and the scaled rate, from one read of g and m; changes nothing."""
+    # Complements and logarithms are taken in Python's float64, where they are exact enough.
+    scalars = scalar_tensors(lr=lr, sign_momentum=sign_momentum,
+                             grad_weight=(-1.0 if maximize else 1.0) * (1.0 - sign_momentum),
+                             log_sign_momentum=math.log(sign_momentum), b2=b2, one_minus_b2=1.0 - b2,
+                             log_b2=math.log(b2), eps=eps)
+    return _snr_statistics_kernel.map_statistics(
+        fused, [(state["momentum_buffer"], grad) for grad, state in zip(grads, states)],
+        [dict(grad_sq_mean=state["grad_sq_mean"], step=state["step"],
+              **scalars(state["step"].device, state["step"].dtype)) for state in states])
+
+
+def sign_update(params, grads, states, snr_numbers, *, lr, sign_momentum, sign_interpolation, weight_decay,
+                maximize, fused):
+    """The trunk's update, in place, one tensor at a time.
+
+    For each parameter p with gradient g (negated when ``maximize``)::
+
+        p <- p * (1 - lr * weight_decay)          decoupled weight decay
+        d <- alpha * m + (1 - alpha) * g          alpha = sign_interpolation (default: beta)
+        m <- beta * m + (1 - beta) * g            beta = sign_momentum, in float32 at least
+        p <- p - lr * s * sign(d)                 s = 1, or with sign_step_scale="snr":
+        s  = mean(|m|) / (1 - beta^t) / (sqrt(v / (1 - b2^t)) + eps),   v <- b2 v + (1 - b2) mean(g^2)
+
+    With alpha = beta (the seeds' rule) d is the new m; alpha < beta is Lion's
+    update (Chen et al., 2023), which weights the fresh gradient more. The
+    "snr" scale s is the tensor's bias-corrected momentum size over its
+    gradient RMS: about 1 where the gradient is consistent, well below 1 where
+    it is noise, the size AdamW's normalized step has on average.
+
+    ``states`` are the parameters' state dicts: ``momentum_buffer`` (none when
+    ``sign_momentum == 0``: textbook signSGD, ``p <- p - lr * sign(g)``), and
+    with "snr" the 0-d ``grad_sq_mean`` (v) and ``step`` (t), whose new values
+    and the scaled rate ``lr * s`` come in ``snr_numbers`` (from
+    ``snr_statistics()``, one read of g and m; None without "snr"). A
+    low-precision momentum is updated in float32 and stored back in its dtype.
+    With ``fused`` each large tensor is one compiled pass reading p, g, m and
+    writing p, m (20 bytes per float32 parameter, 16 with a bf16 m, 12 without
+    m) and allocating nothing, and small tensors run as one compiled batch (see
+    ``TensorKernel``); otherwise the same code runs op by op.
+    """
+    grad_sign = -1.0 if maximize else 1.0
+    values = dict(lr=lr, decay=1.0 - lr * weight_decay)
+    if sign_momentum == 0.0:  # sign(-g) = -sign(g): maximizing flips the step
+        kernel, values["lr"] = _plain_sign_kernel, grad_sign * lr
+    else:
+        if sign_interpolation is None:
+            sign_interpolation = sign_momentum
+        values.update(sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum),
+                      interpolation=sign_interpolation,
+                      interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation))
+        kernel = _sign_kernel
+    step_scalars = scalar_tensors(**values)
+    scalars = [step_scalars(param.device, torch.promote_types(param.dtype, torch.float32)) for param in params]
+    if snr_numbers is not None:
+        store_tensor_statistics(states, TENSOR_STATISTICS, snr_numbers)
+        scalars = [dict(values, lr=scaled_lr) for values, (_, _, scaled_lr) in zip(scalars, snr_numbers)]
+    kernel.map(fused, [(param, grad, *((state["momentum_buffer"],) if "momentum_buffer" in state else ()))
+                       for param, grad, state in zip(params, grads, states)], scalars)
+
+
+def _resolve_alias(given, current_name, current_value):
+    """The value of ``current_name``, taking seed 000's alias into account."""
+    for alias, name in ALIASES.items():
+        if name != current_name or alias not in given:
+            continue
+        alias_value = given[alias]
+        if current_value is not None and current_value != alias_value:
+            raise ValueError(
+                f"{alias} is seed 000's name for {current_name}; got {alias}={alias_value!r} "
+                f"and {current_name}={current_value!r}: give one of them")
+        return alias_value
+    return current_value
+
+
+def _resolve_dtype(sign_state_dtype):
+    if sign_state_dtype is None:
+        return None
+    if isinstance(sign_state_dtype, str):
+        name = sign_state_dtype.removeprefix("torch.")
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"sign_state_dtype must be a floating torch dtype or its name, got {sign_state_dtype!r}")
+        sign_state_dtype = dtype
+    if not isinstance(sign_state_dtype, torch.dtype) or not sign_state_dtype.is_floating_point:
+        raise ValueError(f"sign_state_dtype must be a floating torch dtype or its name, got {sign_state_dtype!r}")
+    return sign_state_dtype
+
+
+class STAC(SkipNonfiniteOptimizer):
+    r"""SignSGD Trunk, AdamW Cap.
+
+    The model's trainable layers, in registration order, are split in two (see
+    ``stac_stam.partition``): the last ``last_n_layers`` form the AdamW
+    *cap*, the earlier ones the sign *trunk*. Per parameter, with gradient g::
+
+        trunk:  p <- p (1 - lr_s wd_s);  m <- beta m + (1 - beta) g;  p <- p - lr_s sign(m)
+        cap:    torch.optim.AdamW with (lr_a, betas, eps, wd_a, amsgrad)
+
+    (``sign_update`` has the trunk's two variants: Lion's interpolation and
+    the per-tensor "snr" step scale.)
+
+    ============================  ===================================================
+    symbol                        argument
+    ============================  ===================================================
+    beta                          ``sign_momentum`` (0: plain signSGD, no state)
+    sign of alpha m + (1-alpha) g ``sign_interpolation`` alpha (default: the new m)
+    step scale s                  ``sign_step_scale`` (None: 1; "snr": per tensor,
+                                  mean|m_hat| / (sqrt(v_hat) + eps), v with betas[1])
+    lr_a                          ``adamw_lr`` (default ``lr``)
+    lr_s                          ``sign_lr`` (default ``0.75 * lr`` when there is a
+                                  cap, ``lr`` when every layer is in the trunk)
+    wd_s / wd_a                   ``sign_weight_decay`` / ``adamw_weight_decay``
+                                  (default ``weight_decay``)
+    storage dtype of m            ``sign_state_dtype`` (default: the parameter's)
+    ============================  ===================================================
+
+    Seed 000's names still work: ``trunk_momentum``, ``trunk_lr``, ``cap_lr``,
+    ``trunk_weight_decay``, ``cap_weight_decay``; giving one with a different
+    value from its current name is a ValueError.
+
+    Each role is one param group (``group["role"]`` is ``"sign"`` or
+    ``"adamw"``) with its own ``lr``, so ``torch.optim.lr_scheduler`` schedulers
+    drive both. Optimizer state: the trunk keeps ``momentum_buffer`` per
+    parameter (and, with "snr", the 0-d ``grad_sq_mean`` and ``step``); the
+    cap keeps ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``
+    with amsgrad), as ``torch.optim.AdamW`` does.
+
+    A step whose dense gradients hold a NaN or an Inf changes nothing and is
+    counted in ``nonfinite_skipped_steps``; with ``error_if_nonfinite=True`` it
+    raises RuntimeError instead, still changing nothing.
+
+    Routing beyond "last N": ``adamw_norm_layers=True`` also sends every
+    normalization-layer parameter (BatchNorm, LayerNorm, GroupNorm, RMSNorm)
+    to the cap, as Zhao et al. (ICLR 2025) find adaptivity matters there;
+    ``adamw_params`` is a predicate over full parameter names for anything else.
+
+    Speed: with ``fused=True`` (the default) the trunk runs one
+    ``torch.compile``d pass per large tensor, compiled once at the first step
+    for every shape, small tensors together as one flat batch, and the cap
+    runs torch's fused AdamW kernel; the non-finite check is one read of each
+    gradient (with "snr", part of the statistics read it makes anyway).
+    ``fused=False`` runs the same trunk update op by op, tensor by tensor (no
+    compilation). Where ``torch.compile`` cannot build a kernel (no C++
+    compiler or Triton), STAC warns once and runs op by op.
+
+    References: Bernstein et al., signSGD (2018); Sun et al., Momentum ensures
+    convergence of SIGNSGD (ICML 2023); Loshchilov & Hutter, Decoupled weight
+    decay (ICLR 2019); Zhao et al., Deconstructing what makes a good optimizer
+    for autoregressive language models (ICLR 2025).
+
+    Example::
+
+        optimizer = STAC(model, lr=1e-3, last_n_layers=1, weight_decay=1e-2)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(optimizer.partition.table())
+    """
+
+    def __init__(self, model, *, lr=1e-3, last_n_layers=1, sign_momentum=None, sign_interpolation=None,
+                 sign_step_scale=None, sign_state_dtype=None,
+                 betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, sign_weight_decay=None,
+                 adamw_weight_decay=None, sign_lr=None, adamw_lr=None, amsgrad=False, maximize=False,
+                 error_if_nonfinite=False, adamw_norm_layers=False, adamw_params=None, fused=True,
+                 trunk_momentum=None, trunk_lr=None, cap_lr=None, trunk_weight_decay=None,
+                 cap_weight_decay=None):
+        given_aliases = {name: value for name, value in [
+            ("trunk_momentum", trunk_momentum), ("trunk_lr", trunk_lr), ("cap_lr", cap_lr),
+            ("trunk_weight_decay", trunk_weight_decay), ("cap_weight_decay", cap_weight_decay),
+        ] if value is not None}
+        sign_momentum = _resolve_alias(given_aliases, "sign_momentum", sign_momentum)
+        sign_lr = _resolve_alias(given_aliases, "sign_lr", sign_lr)
+        adamw_lr = _resolve_alias(given_aliases, "adamw_lr", adamw_lr)
+        sign_weight_decay = _resolve_alias(given_aliases, "sign_weight_decay", sign_weight_decay)
+        adamw_weight_decay = _resolve_alias(given_aliases, "adamw_weight_decay", adamw_weight_decay)
+        if sign_momentum is None:
+            sign_momentum = 0.9
+
+        check_range("lr", lr, 0.0)
+        check_range("sign_momentum", sign_momentum, 0.0, 1.0)
+        if sign_interpolation is not None:
+            check_range("sign_interpolation", sign_interpolation, 0.0, 1.0)
+        if sign_step_scale not in (None, "snr"):
+            raise ValueError(f"sign_step_scale must be None or 'snr', got {sign_step_scale!r}")
+        if sign_step_scale == "snr" and sign_momentum == 0.0:
+            raise ValueError("sign_step_scale='snr' scales by the momentum's size; it needs sign_momentum > 0")
+        check_range("eps", eps, 0.0)
+        check_range("weight_decay", weight_decay, 0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for index, beta in enumerate(betas):
+            check_range(f"betas[{index}]", beta, 0.0, 1.0)
+        for name, value in (("sign_lr", sign_lr), ("adamw_lr", adamw_lr), ("sign_weight_decay", sign_weight_decay),
+                            ("adamw_weight_decay", adamw_weight_decay)):
+            if value is not None:
+                check_range(name, value, 0.0)
+        sign_state_dtype = _resolve_dtype(sign_state_dtype)
+
+        self.partition = partition_trainable_layers(
+            model, last_n_layers, adamw_norm_layers=adamw_norm_layers, adamw_params=adamw_params)
+        hybrid = bool(self.partition.sign_layers) and bool(self.partition.adamw_layers)
+        if sign_lr is None:
+            sign_lr = SIGN_LR_SCALE * lr if hybrid else lr
+        self.sign_state_dtype = sign_state_dtype
+
+        groups = []
+        if self.partition.sign_layers:
+            groups.append({
+                "params": self.partition.sign_parameters, "role": "sign", "lr": sign_lr,
+                "sign_momentum": sign_momentum, "sign_interpolation": sign_interpolation,
+                "sign_step_scale": sign_step_scale, "snr_b2": betas[1], "snr_eps": eps,
+                "weight_decay": weight_decay if sign_weight_decay is None else sign_weight_decay,
+                "maximize": bool(maximize),
+                "layer_names": list(self.partition.sign_layer_names),
+                "param_names": list(self.partition.sign_parameter_names),
+            })
+        if self.partition.adamw_layers:
+            groups.append({
+                "params": self.partition.adamw_parameters, "role": "adamw",
+                "lr": lr if adamw_lr is None else adamw_lr, "betas": tuple(betas), "eps": eps,
+                "weight_decay": weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+                "amsgrad": bool(amsgrad), "maximize": bool(maximize),
+                "layer_names": list(self.partition.adamw_layer_names),
+                "param_names": list(self.partition.adamw_parameter_names),
+            })
+        super().__init__(groups, {}, error_if_nonfinite, fused)
+        self._groups_built = True
+
+    @classmethod
+    def recommended(cls, model, lr=3e-3, **overrides):
+        r"""STAC as the benchmark's ablation recommends it: SNR-scaled sign steps at 3x the rate, bf16 momentum.
+
+        ``STAC(model, lr=lr, sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
+        sign_state_dtype=torch.bfloat16)``, everything else at STAC's defaults;
+        ``overrides`` go to ``STAC`` and win. A plain sign step moves every
+        coordinate by the full rate, where AdamW's normalized step moves noisy
+        coordinates by a fraction of it; the "snr" scale gives each trunk
+        tensor that average size (``mean|m_hat| / rms(g)``, about 0.1-0.5 on
+        noisy layers, 1 on consistent ones), and the 3x trunk rate gives the
+        size back on average while keeping the per-layer differences. The bf16
+        momentum keeps the trunk at a quarter of AdamW's state. The evidence,
+        per task and seed, is in ``docs/benchmark/ablation``.
+
+        Example::
+
+            optimizer = STAC.recommended(model, lr=3e-3)
+        """
+        options = dict(sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
+                       sign_state_dtype=torch.bfloat16)
+        options.update(overrides)
+        return cls(model, lr=lr, **options)
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_groups_built", False):
+            raise RuntimeError(
+                "STAC derives its parameter groups from the model's structure; add_param_group() is not "
+                "supported. Build a new STAC from the model instead.")
+        super().add_param_group(param_group)
+
+    def _initial_state(self, group, param):
+        if group["role"] == "adamw":
+            zeros = lambda: torch.zeros_like(param, memory_format=torch.preserve_format)  # noqa: E731
+            # The fused kernel wants its step count as a float32 tensor on the parameter's device.
+            state = dict(step=torch.zeros((), dtype=torch.float32, device=param.device if _adamw_fusable(param)
+                                          else "cpu"), exp_avg=zeros(), exp_avg_sq=zeros())
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = zeros()
+            return state
+        if group["sign_momentum"] == 0.0:
+            return {}
+        state = dict(momentum_buffer=torch.zeros_like(param, dtype=self.sign_state_dtype or param.dtype,
+                                                      memory_format=torch.preserve_format))
+        if group["sign_step_scale"] == "snr":
+            stat_dtype = torch.promote_types(param.dtype, torch.float32)
+            state.update(grad_sq_mean=torch.zeros((), dtype=stat_dtype, device=param.device),
+                         step=torch.zeros((), dtype=stat_dtype, device=param.device))
+        return state
+
+    def _prepare_group(self, group, params, grads):
+        if group["role"] == "sign" and group["sign_step_scale"] == "snr":
+            states = self._states(group, params)
+            finite, statistics = snr_statistics(grads, states, lr=group["lr"], sign_momentum=group["sign_momentum"],
+                                                b2=group["snr_b2"], eps=group["snr_eps"], maximize=group["maximize"],
+                                                fused=self.fused)
+            return finite, (states, statistics)
+        return super()._prepare_group(group, params, grads)
+
+    def _update_group(self, group, params, grads, statistics):
+        states, snr = statistics or (self._states(group, params), None)
+        self._store_states(params, states)
+        if group["role"] == "sign":
+            sign_update(params, grads, states, snr, lr=group["lr"], sign_momentum=group["sign_momentum"],
+                        sign_interpolation=group["sign_interpolation"], weight_decay=group["weight_decay"],
+                        maximize=group["maximize"], fused=self.fused)
+            return
+        beta1, beta2 = group["betas"]
+        adamw_functional(params, grads, [state["exp_avg"] for state in states],
+                         [state["exp_avg_sq"] for state in states],
+                         [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+                         [state["step"] for state in states], fused=all(map(_adamw_fusable, params)),
+                         foreach=False, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                         weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+    # Checkpoints -------------------------------------------------------------------------------
+
+    def _check_checkpoint(self, state_dict):
+        """Refuse a checkpoint of another model: roles, layer and parameter names, state shapes must match."""
+        super()._check_checkpoint(state_dict)
+        saved_groups = state_dict["param_groups"]
+        if [g.get("role") for g in saved_groups] != [g["role"] for g in self.param_groups]:
+            raise ValueError(f"checkpoint roles {[g.get('role') for g in saved_groups]} do not match this "
+                             f"optimizer's {[g['role'] for g in self.param_groups]}")
+        flat_params = []
+        for saved, group in zip(saved_groups, self.param_groups):
+            role = group["role"]
+            for key in ("layer_names", "param_names"):
+                if list(saved.get(key, [])) != list(group[key]):
+                    raise ValueError(f"checkpoint {role} {key.replace('_', ' ')} {list(saved.get(key, []))} do not "
+                                     f"match this model's {list(group[key])}")
+            flat_params.extend(zip(group["params"], group["param_names"]))
+        for index, saved in state_dict["state"].items():
+            if not isinstance(index, int) or not 0 <= index < len(flat_params):
+                raise ValueError(f"checkpoint state refers to parameter index {index!r}, which this optimizer lacks")
+            param, name = flat_params[index]
+            for key, value in saved.items():
+                if key not in TENSOR_STATISTICS and torch.is_tensor(value) and value.shape != param.shape:
+                    raise ValueError(f"checkpoint state {key!r} of parameter {name!r} has shape "
+                                     f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
