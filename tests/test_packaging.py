@@ -49,6 +49,14 @@ def test_jax_modules_never_import_torch():
         assert not roots & TORCH_MODULES, path
 
 
+def test_framework_free_modules_import_no_framework():
+    modules = sorted((SRC / "stac_stam").glob("*.py"))
+    assert {path.name for path in modules} >= {"partition.py", "learning_rates.py"}
+    for path in modules:
+        roots = {name.split(".")[0] for name in imported_modules(path)}
+        assert not roots & (TORCH_MODULES | JAX_MODULES), path
+
+
 @pytest.mark.parametrize("facade", ["stac_optimizer", "stam_optimizer"])
 def test_facades_import_only_stac_stam(facade):
     assert sources(facade)

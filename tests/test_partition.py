@@ -77,6 +77,17 @@ def test_norm_layers_switch_and_name_predicate_route_to_the_cap():
     assert by_name.adamw_parameter_names == ("0.bias", "1.bias", "2.bias", "3.bias", "4.weight", "4.bias")
 
 
+def test_a_norm_layer_is_known_by_its_class_name_not_by_torch_type():
+    class LlamaRMSNorm(nn.Module):  # as Hugging Face writes it: not a subclass of nn.RMSNorm
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+    model = nn.Sequential(nn.Linear(3, 4), LlamaRMSNorm(4), nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2))
+    partition = partition_trainable_layers(model, 1, adamw_norm_layers=True)
+    assert partition.adamw_layer_names == ("1", "3", "4")
+
+
 def test_partition_table_lists_layers_roles_counts_and_state_bytes():
     table = STAC(mlp(), last_n_layers=1).partition.table()
     lines = table.splitlines()

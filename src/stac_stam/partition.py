@@ -1,36 +1,42 @@
-"""How STAC splits a model into a sign trunk and an AdamW cap.
+"""How STAC splits a model into a sign trunk and an AdamW cap: one rule for PyTorch and JAX (no framework import).
 
-The rule (seeds 000 and 001): walk ``model.named_modules()`` in registration
-order; a *layer* is a module that directly owns trainable parameters
-(``named_parameters(recurse=False)``); frozen parameters are skipped; a shared
-parameter belongs to its first owner; parameters owned by the root module form
-the layer ``"<root>"``. The last ``last_n_layers`` layers are the AdamW cap,
-the rest the sign trunk. ``last_n_layers=0`` keeps every layer in the trunk;
-a value larger than the number of layers moves every layer to the cap.
+The rule (seeds 000 and 001): walk the model's layers in the order they were
+built; a *layer* owns trainable parameters directly; frozen parameters are
+skipped; a shared parameter belongs to its first owner; parameters owned by
+the root form the layer ``"<root>"``. The last ``last_n_layers`` layers are
+the AdamW cap, the rest the sign trunk. ``last_n_layers=0`` keeps every layer
+in the trunk; a value larger than the number of layers moves every layer to
+the cap.
 
 Two opt-in routes send more parameters to the cap: ``adamw_norm_layers=True``
-(every parameter of a normalization module) and ``adamw_params`` (a predicate
+(every parameter of a normalization layer) and ``adamw_params`` (a predicate
 over full parameter names).
+
+Where the layers come from:
+
+- PyTorch (``module_layers``): ``model.named_modules()`` in registration
+  order; a layer is a module with parameters of its own
+  (``named_parameters(recurse=False)``), named by its module path; it is a
+  normalization layer when its class or a base class has ``Norm`` in its name
+  (``LayerNorm``, ``BatchNorm1d``, ``GroupNorm``, ``RMSNorm``, Hugging Face's
+  ``LlamaRMSNorm``).
+- JAX (``tree_layers``): a mapping or list that holds array
+  leaves directly, in insertion order, named by its path joined with ``/``; a
+  normalization layer when its own key matches ``NORM_LAYER_NAME``.
 """
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from torch import nn
-
 ROOT_LAYER_NAME = "<root>"
-
-NORM_MODULE_TYPES = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
-)
+# A pytree layer whose own key matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f).
+NORM_LAYER_NAME = re.compile(r"(norm|^ln(_|\d|$))", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class LayerGroup:
-    """One layer: a module's own trainable parameters, with their full names."""
+    """One layer: its own trainable parameters (in JAX, their paths in the tree), with their full names."""
 
     name: str
     parameter_names: tuple
@@ -99,9 +105,13 @@ class STACPartition:
         )
 
 
-def discover_layers(model):
-    """The trainable layers of ``model`` in registration order (see the module docstring)."""
-    if not isinstance(model, nn.Module):
+def _is_norm_module(module):
+    return any("Norm" in cls.__name__ for cls in type(module).__mro__)
+
+
+def module_layers(model):
+    """The trainable layers of a PyTorch ``model`` in registration order (see the module docstring)."""
+    if not callable(getattr(model, "named_modules", None)):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     seen = set()
     layers = []
@@ -114,14 +124,36 @@ def discover_layers(model):
             names.append(f"{module_name}.{param_name}" if module_name else param_name)
             params.append(param)
         if params:
-            layers.append(LayerGroup(
-                name=module_name or ROOT_LAYER_NAME,
-                parameter_names=tuple(names),
-                parameters=tuple(params),
-                is_norm=isinstance(module, NORM_MODULE_TYPES),
-            ))
-    if not layers:
-        raise ValueError("model has no trainable parameters: STAC needs at least one parameter with requires_grad=True")
+            layers.append(LayerGroup(name=module_name or ROOT_LAYER_NAME, parameter_names=tuple(names),
+                                     parameters=tuple(params), is_norm=_is_norm_module(module)))
+    return layers
+
+
+def _is_array(leaf):
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def tree_layers(node, path=()):
+    """The layers of a JAX parameter tree (dicts, lists and tuples of arrays) in insertion order, depth
+    first, as ``LayerGroup``s whose ``parameters`` are the leaves' paths (tuples of keys)."""
+    if isinstance(node, Mapping):
+        items = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = list(enumerate(node))
+    else:
+        raise TypeError(f"stac_partition walks dicts, lists and tuples of arrays; got {type(node).__name__} at "
+                        f"{'/'.join(map(str, path)) or ROOT_LAYER_NAME}: pass flax/equinox state as a pure dict "
+                        "(e.g. nnx.State.to_pure_dict()) or give partition= explicitly")
+    leaf_paths = tuple(path + (key,) for key, child in items if _is_array(child))
+    layers = []
+    if leaf_paths:
+        layers.append(LayerGroup(name="/".join(map(str, path)) or ROOT_LAYER_NAME,
+                                 parameter_names=tuple("/".join(map(str, leaf)) for leaf in leaf_paths),
+                                 parameters=leaf_paths,
+                                 is_norm=bool(path) and bool(NORM_LAYER_NAME.search(str(path[-1])))))
+    for key, child in items:
+        if not _is_array(child) and child is not None:
+            layers += tree_layers(child, path + (key,))
     return layers
 
 
@@ -135,25 +167,22 @@ def _split_layer(layer, to_adamw):
     return parts
 
 
-def partition_trainable_layers(model, last_n_layers=1, *, adamw_norm_layers=False, adamw_params=None):
-    """Split ``model`` into a sign trunk and an AdamW cap.
-
-    Args:
-        model: the ``nn.Module`` to partition.
-        last_n_layers: how many of the last trainable layers use AdamW (>= 0).
-        adamw_norm_layers: also send every normalization-layer parameter to AdamW.
-        adamw_params: a predicate ``name -> bool`` over full parameter names; a
-            parameter for which it returns True also goes to AdamW.
-
-    Returns:
-        A ``STACPartition``. A layer split by ``adamw_params`` appears in both roles,
-        each with its own parameters.
-    """
+def check_last_n_layers(last_n_layers):
     if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
         raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r}")
+
+
+def split_layers(layers, last_n_layers=1, *, adamw_norm_layers=False, adamw_params=None):
+    """The partition of ``layers`` (``LayerGroup``s in model order) by the rule in the module docstring.
+
+    A layer split by ``adamw_params`` appears in both roles, each with its own parameters.
+    """
+    check_last_n_layers(last_n_layers)
     if adamw_params is not None and not callable(adamw_params):
         raise TypeError("adamw_params must be a callable taking a parameter name and returning a bool")
-    layers = discover_layers(model)
+    if not layers:
+        raise ValueError("model has no trainable parameters: STAC needs at least one parameter with "
+                         "requires_grad=True")
     first_cap = max(len(layers) - last_n_layers, 0)
     sign_layers, adamw_layers = [], []
     for index, layer in enumerate(layers):
@@ -168,3 +197,22 @@ def partition_trainable_layers(model, last_n_layers=1, *, adamw_norm_layers=Fals
             if adamw_part:
                 adamw_layers.append(adamw_part)
     return STACPartition(tuple(sign_layers), tuple(adamw_layers))
+
+
+def partition_trainable_layers(model, last_n_layers=1, *, adamw_norm_layers=False, adamw_params=None):
+    """Split a PyTorch ``model`` into a sign trunk and an AdamW cap.
+
+    Args:
+        model: the ``nn.Module`` to partition.
+        last_n_layers: how many of the last trainable layers use AdamW (>= 0).
+        adamw_norm_layers: also send every normalization-layer parameter to AdamW.
+        adamw_params: a predicate ``name -> bool`` over full parameter names; a
+            parameter for which it returns True also goes to AdamW.
+
+    Returns:
+        A ``STACPartition``. A layer split by ``adamw_params`` appears in both roles,
+        each with its own parameters.
+    """
+    check_last_n_layers(last_n_layers)
+    return split_layers(module_layers(model), last_n_layers, adamw_norm_layers=adamw_norm_layers,
+                        adamw_params=adamw_params)

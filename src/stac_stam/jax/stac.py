@@ -4,7 +4,6 @@
 ``stac_recommended``, the ablation's configuration.
 """
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -15,32 +14,7 @@ import optax
 
 from stac_stam.jax._common import all_finite_flag, check_range, scalar_dtype, skip_nonfinite_steps, skip_weights
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
-
-ROOT_LAYER_NAME = "<root>"
-# A layer whose own name matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f, norm1).
-NORM_LAYER_NAME = re.compile(r"(norm|^ln(_|\d|$))", re.IGNORECASE)
-
-
-def _is_array(leaf):
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
-
-
-def _walk(node, path, layers):
-    """Collect (path, own leaf keys) per layer in the tree's insertion order, depth first."""
-    if isinstance(node, Mapping):
-        items = list(node.items())
-    elif isinstance(node, (list, tuple)):
-        items = list(enumerate(node))
-    else:
-        raise TypeError(f"stac_partition walks dicts, lists and tuples of arrays; got {type(node).__name__} at "
-                        f"{'/'.join(map(str, path)) or ROOT_LAYER_NAME}: pass flax/equinox state as a pure dict "
-                        "(e.g. nnx.State.to_pure_dict()) or give partition= explicitly")
-    own = [key for key, child in items if _is_array(child)]
-    if own:
-        layers.append((path, own))
-    for key, child in items:
-        if not _is_array(child) and child is not None:
-            _walk(child, path + (key,), layers)
+from stac_stam.partition import check_last_n_layers, split_layers, tree_layers
 
 
 def _path_key(jax_path):
@@ -88,29 +62,14 @@ def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_pa
     ``norm`` or ``ln`` to the cap; ``adamw_params`` is a predicate over leaf
     paths (``"params/Dense_0/bias"``) that sends matching leaves to the cap.
     """
-    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
-        raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r}")
-    layers = []
-    _walk(params, (), layers)
+    check_last_n_layers(last_n_layers)
+    layers = tree_layers(params)
     if not layers:
         raise ValueError("params has no array leaves: STAC needs at least one parameter")
-    first_cap = max(len(layers) - last_n_layers, 0)
-    sign_names, adamw_names, label_by_path = [], [], {}
-    for index, (path, keys) in enumerate(layers):
-        name = "/".join(map(str, path)) or ROOT_LAYER_NAME
-        whole_layer_to_cap = index >= first_cap or (
-            adamw_norm_layers and bool(path) and NORM_LAYER_NAME.search(str(path[-1])))
-        roles = set()
-        for key in keys:
-            leaf_path = path + (key,)
-            to_cap = whole_layer_to_cap or (adamw_params is not None and adamw_params("/".join(map(str, leaf_path))))
-            label_by_path[leaf_path] = "adamw" if to_cap else "sign"
-            roles.add(label_by_path[leaf_path])
-        if "sign" in roles:
-            sign_names.append(name)
-        if "adamw" in roles:
-            adamw_names.append(name)
-    return PytreePartition(tuple(sign_names), tuple(adamw_names), label_by_path)
+    split = split_layers(layers, last_n_layers, adamw_norm_layers=adamw_norm_layers, adamw_params=adamw_params)
+    label_by_path = {path: role for role, part in (("sign", split.sign_layers), ("adamw", split.adamw_layers))
+                     for layer in part for path in layer.parameters}
+    return PytreePartition(split.sign_layer_names, split.adamw_layer_names, label_by_path)
 
 
 class SignMomentumState(NamedTuple):
