@@ -246,12 +246,12 @@ def without_cpu_kernels(monkeypatch):
 @pytest.fixture
 def compile_every_tensor(monkeypatch, without_cpu_kernels):
     """Run even the test models' small tensors through the compiled kernels; yields a count of compiled calls."""
-    from stac_stam.torch import _base, stac, stam, stam_lite
-    from stac_stam.torch._base import TensorKernel
+    from stac_stam.torch import _kernels, stac, stam, stam_lite
+    from stac_stam.torch._kernels import TensorKernel
 
     monkeypatch.setattr(TensorKernel, "compiled_min_numel", 0)
     compiled_calls = []
-    kernels = [value for module in (_base, stac, stam, stam_lite) for value in vars(module).values()
+    kernels = [value for module in (_kernels, stac, stam, stam_lite) for value in vars(module).values()
                if isinstance(value, TensorKernel)]
     assert len(kernels) == 8
     for kernel in kernels:
@@ -266,7 +266,7 @@ def compile_every_tensor(monkeypatch, without_cpu_kernels):
 @pytest.fixture
 def count_batches(monkeypatch):
     """Count the calls that run several small tensors as one flat batch."""
-    from stac_stam.torch._base import TensorKernel
+    from stac_stam.torch._kernels import TensorKernel
 
     batches = []
     run_batch = TensorKernel._batch

@@ -7,8 +7,8 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import partition_trainable_layers
-from stac_stam.torch._base import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
-                                   store_tensor_statistics)
+from stac_stam.torch._base import SkipNonfiniteOptimizer, check_range
+from stac_stam.torch._kernels import TensorKernel, scalar_tensors, store_tensor_statistics
 
 # Seed 000's argument names and the current names they stand for.
 ALIASES = {

@@ -5,8 +5,8 @@ import math
 import torch
 
 from stac_stam.torch import _cpu_kernels
-from stac_stam.torch._base import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
-                                   store_tensor_statistics)
+from stac_stam.torch._base import SkipNonfiniteOptimizer, check_range
+from stac_stam.torch._kernels import TensorKernel, scalar_tensors, store_tensor_statistics
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard); as in the JAX STAM.
 VARIANCE_CAP = 10.0

@@ -5,8 +5,8 @@ import math
 import torch
 
 from stac_stam.torch import _cpu_kernels
-from stac_stam.torch._base import (SkipNonfiniteOptimizer, TensorKernel, check_range, scalar_tensors,
-                                   store_tensor_statistics)
+from stac_stam.torch._base import SkipNonfiniteOptimizer, check_range
+from stac_stam.torch._kernels import TensorKernel, scalar_tensors, store_tensor_statistics
 
 
 def _stam_lite_rule(g_mean, g_sq_mean, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,

@@ -2,7 +2,7 @@
 
 import torch
 
-from stac_stam.torch._base import TensorKernel
+from stac_stam.torch._kernels import TensorKernel
 
 
 def _mean_square(grad, *, scale, mean):
