@@ -159,6 +159,25 @@ def test_a_refused_checkpoint_changes_nothing(name, case):
     assert_same(before, snapshot(optimizer))
 
 
+@pytest.mark.parametrize("name", ["stac", "stam"])
+def test_second_moments_that_overflowed_to_inf_load_and_nan_does_not(name):
+    # A gradient of 1e30 squares past float32's range: AdamW's exp_avg_sq (STAC's cap, STAM's nu) holds +Inf, the
+    # state our own step writes and so must load. A NaN, or -Inf, is refused.
+    model, optimizer = trained(name)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e30)
+    optimizer.step()
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    assert last_state(checkpoint)["exp_avg_sq"].isinf().all()
+    _, resumed = trained(name, seed=1)
+    resumed.load_state_dict(checkpoint)
+    assert resumed.state[resumed.param_groups[-1]["params"][-1]]["exp_avg_sq"].isinf().all()
+    for bad in (float("nan"), -float("inf")):
+        last_state(checkpoint)["exp_avg_sq"].view(-1)[0] = bad
+        with pytest.raises(ValueError, match=r"'exp_avg_sq' of parameter .* holds NaN or Inf"):
+            resumed.load_state_dict(checkpoint)
+
+
 @pytest.mark.parametrize("source, target, message", [
     ("stam_lite_bf16_state", "stam", r"lacks 'tau_decay': it is not a STAM param group"),
     ("stam", "stam_lite_bf16_state", r"lacks 'beta1_update_interval': it is not a STAMLite param group"),

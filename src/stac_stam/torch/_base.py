@@ -18,6 +18,9 @@ STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_BOUNDS = {"step": (0.0, None), "exp_avg_sq": (0.0, None), "max_exp_avg_sq": (0.0, None),
                 "variance": (0.0, None), "scale": (0.0, None), "grad_sq_mean": (0.0, None), "beta1": (0.0, 1.0),
                 "beta1_product": (0.0, 1.0)}
+# Averages of squared gradients, which hold +Inf where a square passed the dtype's range (as torch's AdamW stores
+# it: that coordinate then stops moving); every other state value is finite.
+MAY_HOLD_INF = {"exp_avg_sq", "max_exp_avg_sq", "grad_sq_mean"}
 
 
 def check_range(name, value, low, high=None, low_open=False, high_open=True, tensor=False):
@@ -341,8 +344,9 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
 
     def _loaded_state(self, saved, param, group, label):
         """The state of ``param`` built from the checkpoint's entry ``saved``: the entries ``_initial_state``
-        makes, each checked (a floating tensor of the right shape, finite, within ``STATE_BOUNDS``) and copied in
-        (a ``step`` given as a plain number, torch's older form, is read as a 0-d tensor)."""
+        makes, each checked (a floating tensor of the right shape, finite but for ``MAY_HOLD_INF``, within
+        ``STATE_BOUNDS``) and copied in (a ``step`` given as a plain number, torch's older form, is read as a 0-d
+        tensor)."""
         if not isinstance(saved, Mapping):
             raise ValueError(f"checkpoint state of parameter {label} must be a dict, got {type(saved).__name__}")
         if not saved:
@@ -366,7 +370,8 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
             if values.numel():
                 low, high = STATE_BOUNDS.get(key, (None, None))
                 least, most = (float(bound) for bound in torch.aminmax(values))
-                if not (math.isfinite(least) and math.isfinite(most)):
+                if math.isnan(least) or math.isnan(most) or least == -math.inf \
+                        or (most == math.inf and key not in MAY_HOLD_INF):
                     raise ValueError(f"checkpoint state {key!r} of parameter {label} holds NaN or Inf")
                 if (low is not None and least < low) or (high is not None and most > high):
                     raise ValueError(f"checkpoint state {key!r} of parameter {label} must lie in "
