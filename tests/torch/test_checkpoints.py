@@ -159,6 +159,18 @@ def test_a_refused_checkpoint_changes_nothing(name, case):
     assert_same(before, snapshot(optimizer))
 
 
+def test_stac_refuses_an_integer_trunk_momentum_which_would_truncate_the_momentum():
+    _, optimizer = trained("stac")
+    _, source = trained("stac", seed=1)
+    checkpoint = copy.deepcopy(source.state_dict())
+    checkpoint["state"][0]["momentum_buffer"] = (checkpoint["state"][0]["momentum_buffer"] * 100).long()
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter '0.weight' must be a floating tensor, got "
+                                         r"a torch.int64 tensor"):
+        optimizer.load_state_dict(checkpoint)
+    assert_same(before, snapshot(optimizer))
+
+
 @pytest.mark.parametrize("name", ["stac", "stam"])
 def test_second_moments_that_overflowed_to_inf_load_and_nan_does_not(name):
     # A gradient of 1e30 squares past float32's range: AdamW's exp_avg_sq (STAC's cap, STAM's nu) holds +Inf, the

@@ -78,6 +78,12 @@ def test_a_tensor_learning_rate_is_taken_as_torch_optim_takes_it(name):
         assert STAC(mlp(), sign_lr=lr, adamw_lr=lr).param_groups[1]["lr"] is not lr
 
 
+def test_stac_defaults_to_no_weight_decay_as_stac_optimizer_0_1_5_does():
+    optimizer = STAC(mlp())
+    assert [(group["stac_role"], group["weight_decay"]) for group in optimizer.param_groups] == [
+        ("sign", 0.0), ("adamw", 0.0)]
+
+
 def test_recommended_checks_lr_before_using_it():
     with pytest.raises(ValueError, match=r"lr must be a number or a 0-d floating tensor, got 'fast'"):
         STAC.recommended(mlp(), lr="fast")
