@@ -337,6 +337,31 @@ def test_a_stac_checkpoint_moves_between_a_bare_a_ddp_wrapped_and_a_compiled_mod
                         assert torch.equal(value, target.state[q][key]), (kind, key)
 
 
+def test_a_sharded_stac_resumes_from_a_distributed_checkpoint_bit_for_bit(one_rank_process_group, tmp_path):
+    # FSDP2 on one rank: parameters and state are DTensors, checked shard by shard at load. (STAC op by op is the
+    # step that runs on DTensors on this branch; the other optimizers join with the shard-aware step.)
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded(seed):
+        model = model_and_data(seed)[0]
+        for layer in (model[0], model[2], model[4], model):
+            fully_shard(layer)
+        return model, STAC(model, lr=1e-2, fused=False)
+
+    model, optimizer = sharded(0)
+    _, inputs, targets = model_and_data()
+    train(model, optimizer, inputs, targets, 3, nonfinite_at=1)
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=tmp_path)
+    twin, resumed = sharded(1)
+    loaded = {"model": get_model_state_dict(twin), "optimizer": get_optimizer_state_dict(twin, resumed)}
+    dcp.load(loaded, checkpoint_id=tmp_path)
+    set_model_state_dict(twin, loaded["model"])
+    set_optimizer_state_dict(twin, resumed, loaded["optimizer"])
+    assert type(resumed.state[twin[0].weight]["momentum_buffer"]).__name__ == "DTensor"
+    assert_resumes_exactly(model, optimizer, twin, resumed)
+
+
 # stac-optimizer 0.1.5's checkpoint format (seed 001; issue 21): every param group holds stac_role, layer_names,
 # param_names and every hyperparameter of both roles; a trunk parameter's state is {'sign_momentum_buffer'} in
 # sign_state_dtype, a cap parameter's {'step' (0-d float32), 'exp_avg', 'exp_avg_sq'}; nothing else at top level.

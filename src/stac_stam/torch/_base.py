@@ -83,9 +83,23 @@ def resolve_state_dtype(name, value):
     return value
 
 
-def _local(tensor):
-    """A DTensor's local shard (each rank checks the part it holds); any other tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+def value_range(tensor):
+    """``(least, greatest, holds NaN)`` over the values of ``tensor`` (an empty one: ``(inf, -inf, False)``); of
+    a DTensor, over all its shards and the same on every rank (each rank reads its shard, then one all-reduce:
+    DTensor's own aminmax gives one shard's numbers on torch 2.13)."""
+    mesh = getattr(tensor, "device_mesh", None)
+    local = tensor.to_local() if mesh is not None else tensor
+    # -least, greatest, holds NaN: three numbers to all-reduce by MAX (a NaN's least and greatest count as 0)
+    numbers = torch.tensor([-math.inf, -math.inf, 0.0], dtype=torch.float64, device=local.device)
+    if local.numel():
+        least, most = torch.aminmax(local)
+        numbers = torch.stack([-least.double(), most.double(), local.isnan().any().double()])
+        numbers = numbers.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf)
+    if mesh is not None:
+        for dim in range(mesh.ndim):
+            torch.distributed.all_reduce(numbers, torch.distributed.ReduceOp.MAX, group=mesh.get_group(dim))
+    least, most, nan = numbers.tolist()
+    return -least, most, bool(nan)
 
 
 class SkipNonfiniteOptimizer(torch.optim.Optimizer):
@@ -366,16 +380,13 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
             if value.shape != target.shape:
                 raise ValueError(f"checkpoint state {key!r} of parameter {label} has shape "
                                  f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
-            values = _local(value)
-            if values.numel():
-                low, high = STATE_BOUNDS.get(key, (None, None))
-                least, most = (float(bound) for bound in torch.aminmax(values))
-                if math.isnan(least) or math.isnan(most) or least == -math.inf \
-                        or (most == math.inf and key not in MAY_HOLD_INF):
-                    raise ValueError(f"checkpoint state {key!r} of parameter {label} holds NaN or Inf")
-                if (low is not None and least < low) or (high is not None and most > high):
-                    raise ValueError(f"checkpoint state {key!r} of parameter {label} must lie in "
-                                     f"[{low}, {'inf' if high is None else high}], holds values in [{least}, {most}]")
+            least, most, nan = value_range(value)
+            if nan or least == -math.inf or (most == math.inf and key not in MAY_HOLD_INF):
+                raise ValueError(f"checkpoint state {key!r} of parameter {label} holds NaN or Inf")
+            low, high = STATE_BOUNDS.get(key, (None, None))
+            if (low is not None and least < low) or (high is not None and most > high):
+                raise ValueError(f"checkpoint state {key!r} of parameter {label} must lie in "
+                                 f"[{low}, {'inf' if high is None else high}], holds values in [{least}, {most}]")
             target.copy_(value)
         return state
 
