@@ -281,6 +281,20 @@ def test_stac_refuses_a_name_keyed_checkpoint_of_other_parameter_names():
     assert_same(before, snapshot(optimizer))
 
 
+@pytest.mark.parametrize("name", ["stac", "stam"])
+def test_a_tensor_learning_rate_loads_as_a_tensor_of_its_own(name):
+    model, inputs, targets = model_and_data()
+    optimizer = OPTIMIZERS[name](model)
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(3e-3)
+    train(model, optimizer, inputs, targets, 2)
+    checkpoint = optimizer.state_dict()
+    _, resumed = trained(name, seed=1)
+    resumed.load_state_dict(checkpoint)
+    lr = resumed.param_groups[0]["lr"]
+    assert torch.is_tensor(lr) and lr == optimizer.param_groups[0]["lr"] and lr is not optimizer.param_groups[0]["lr"]
+
+
 def test_state_dict_carries_the_skipped_steps_in_every_param_group():
     _, optimizer = trained("stac")
     assert optimizer.nonfinite_skipped_steps == 1
