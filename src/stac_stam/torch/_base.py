@@ -4,7 +4,7 @@ policy and checkpoints. The kernels they run are in ``_kernels.py`` and ``_cpu_k
 import copy
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
