@@ -95,7 +95,7 @@ def _stac_bytes(optimizer):
         n = sum(p.numel() for p in group["params"])
         if group["role"] == "adamw":
             moved, read = moved + 28 * n, read + 20 * n
-        elif group["sign_momentum"] == 0.0:
+        elif group["betas"][0] == 0.0:  # the trunk's momentum
             moved, read = moved + 12 * n, read + 12 * n
         else:
             momentum_bytes = 2 if optimizer.sign_state_dtype is not None else 4

@@ -5,7 +5,7 @@ import math
 import torch
 
 from stac_stam.torch import _cpu_kernels
-from stac_stam.torch._base import SkipNonfiniteOptimizer, check_range
+from stac_stam.torch._base import SkipNonfiniteOptimizer, check_pair, check_range, require_keys
 from stac_stam.torch._kernels import TensorKernel, scalar_tensors, store_tensor_statistics
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard); as in the JAX STAM.
@@ -135,6 +135,11 @@ class STAM(SkipNonfiniteOptimizer):
     eps              1e-8        > 0       denominator guard
     ===============  ==========  ========  =====================================
 
+    Each param group holds ``betas = (b1_base, b2)``, torch's name, so a
+    scheduler that cycles momentum (``OneCycleLR``, ``CyclicLR``) moves
+    ``b1_base``; ``lr`` may be a 0-d tensor, as in torch.optim. A group given
+    to ``add_param_group`` may set ``b1_base`` or ``b2`` by name.
+
     State per parameter (JAX name in brackets): ``step`` [count], ``exp_avg``
     [mu], ``exp_avg_sq`` [nu], ``variance``, ``scale``, ``beta1`` (the beta1
     used at the last step, for logging), ``beta1_product``. A step with a
@@ -149,25 +154,32 @@ class STAM(SkipNonfiniteOptimizer):
         optimizer.zero_grad()
     """
 
+    BETA_NAMES = ("b1_base", "b2")
+
     def __init__(self, params, lr=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_strength=0.2,
                  tau_decay=0.99, eps=1e-8, error_if_nonfinite=False, fused=True):
-        check_range("lr", lr, 0.0)
-        check_range("b1_base", b1_base, 0.0, 1.0, low_open=True)
-        check_range("b2", b2, 0.0, 1.0, low_open=True)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_range("adapt_strength", adapt_strength, 0.0, 0.5, high_open=False)
-        check_range("tau_decay", tau_decay, 0.0, 1.0, low_open=True)
-        check_range("eps", eps, 0.0, low_open=True)
-        defaults = dict(lr=lr, b1_base=b1_base, b2=b2, weight_decay=weight_decay, adapt_strength=adapt_strength,
+        defaults = dict(lr=lr, betas=(b1_base, b2), weight_decay=weight_decay, adapt_strength=adapt_strength,
                         tau_decay=tau_decay, eps=eps)
+        self._check_group(defaults)
         super().__init__(params, defaults, error_if_nonfinite, fused)
+
+    def _check_group(self, group, where=""):
+        require_keys(group, ("lr", "betas", "weight_decay", "adapt_strength", "tau_decay", "eps"), where, "STAM")
+        check_range(f"{where}lr", group["lr"], 0.0, tensor=True)
+        b1_base, b2 = check_pair(f"{where}betas", group["betas"])
+        check_range(f"{where}b1_base", b1_base, 0.0, 1.0, low_open=True)
+        check_range(f"{where}b2", b2, 0.0, 1.0, low_open=True)
+        check_range(f"{where}weight_decay", group["weight_decay"], 0.0)
+        check_range(f"{where}adapt_strength", group["adapt_strength"], 0.0, 0.5, high_open=False)
+        check_range(f"{where}tau_decay", group["tau_decay"], 0.0, 1.0, low_open=True)
+        check_range(f"{where}eps", group["eps"], 0.0, low_open=True)
 
     def _initial_state(self, group, param):
         stat_dtype = torch.promote_types(param.dtype, torch.float32)
         scalar = lambda value: torch.full((), value, dtype=stat_dtype, device=param.device)  # noqa: E731
         return dict(step=scalar(0.0), exp_avg=torch.zeros_like(param, dtype=stat_dtype),
                     exp_avg_sq=torch.zeros_like(param, dtype=stat_dtype), variance=scalar(0.0), scale=scalar(0.0),
-                    beta1=scalar(group["b1_base"]), beta1_product=scalar(1.0))
+                    beta1=scalar(group["betas"][0]), beta1_product=scalar(1.0))
 
     def _prepare_group(self, group, params, grads):
         states = self._states(group, params)
@@ -175,7 +187,7 @@ class STAM(SkipNonfiniteOptimizer):
         kernels, matrix = _cpu_kernels.choose(self.fused, [params, grads, *moments],
                                               _cpu_kernels.statistics_table(self, group, _TENSOR_STATISTICS), states)
         finite, statistics = stam_statistics(
-            grads, states, lr=group["lr"], b1_base=group["b1_base"], b2=group["b2"],
+            grads, states, lr=group["lr"], b1_base=group["betas"][0], b2=group["betas"][1],
             adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"], kernels=kernels,
             matrix=matrix)
         return finite, (states, kernels, matrix, statistics)
@@ -183,5 +195,5 @@ class STAM(SkipNonfiniteOptimizer):
     def _update_group(self, group, params, grads, statistics):
         states, kernels, matrix, statistics = statistics
         self._store_states(params, states)
-        stam_update(params, grads, states, statistics, lr=group["lr"], b2=group["b2"],
+        stam_update(params, grads, states, statistics, lr=group["lr"], b2=group["betas"][1],
                     weight_decay=group["weight_decay"], eps=group["eps"], kernels=kernels, matrix=matrix)
