@@ -1,10 +1,6 @@
 """What construction and add_param_group refuse, for every PyTorch optimizer: one rule per hyperparameter, the
 same rule a checkpoint's param groups go through (tests/torch/test_checkpoints.py), and torch's own error inputs."""
 
-import sys
-import types
-import unittest
-
 import pytest
 import torch
 from torch import nn
@@ -153,9 +149,7 @@ OUR_ARGUMENTS = {"stac": {"lr", "betas", "weight_decay"}, "stam": {"lr", "weight
 
 
 def torch_error_inputs(name):
-    # torch's test helpers import expecttest (a dev dependency of torch, not installed here) for their TestCase
-    # base class only; the error inputs do not use it. Imported here, not at collection: it takes seconds.
-    sys.modules.setdefault("expecttest", types.SimpleNamespace(TestCase=unittest.TestCase))
+    # Imported here, not at collection: it takes seconds.
     from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_error_inputs_func_adamw
 
     for error_input in optim_error_inputs_func_adamw("cpu", torch.float32):
