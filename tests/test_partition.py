@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from stac_stam.partition import partition_trainable_layers, same_parameter_names, without_wrapper_prefixes
+from stac_stam.partition import (module_output_layer, partition_trainable_layers, same_parameter_names, split_layers,
+                                 tree_layers, without_wrapper_prefixes)
 from stac_stam.torch import STAC
 
 
@@ -165,3 +166,84 @@ def test_bad_partition_input_is_rejected_clearly():
         partition_trainable_layers(mlp().requires_grad_(False))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         partition_trainable_layers([torch.zeros(2)])
+
+
+class TiedHead(nn.Module):
+    """An embedding, a block and a norm, and a head whose weight is the embedding's (GPT-2's layout)."""
+
+    def __init__(self, norm_width=2, vocab=9, width=22):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.norm = nn.LayerNorm(norm_width, bias=False)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_the_output_layer_is_the_last_module_holding_a_trainable_parameter_shared_or_not():
+    model = TiedHead()
+    output = module_output_layer(model)
+    assert (output.name, output.parameter_names) == ("head", ("embed.weight",))
+    assert output.parameters[0] is model.head.weight
+    assert partition_trainable_layers(model).output_layer == output
+    assert module_output_layer(mlp()).parameter_names == ("4.weight", "4.bias")
+    frozen_head = mlp()
+    frozen_head[4].requires_grad_(False)
+    assert module_output_layer(frozen_head).name == "2"
+    assert module_output_layer(mlp(), params=list(mlp().parameters())) is None  # another model's parameters
+
+
+@pytest.mark.parametrize("model, last_n_layers, default_adamw, sign, adamw", [
+    (TiedHead(), 1, ("norm.weight",), (), ("embed.weight", "norm.weight")),
+    (TiedHead(), 0, (), ("norm.weight",), ("embed.weight",)),
+    (mlp(), 0, (), ("0.weight", "0.bias", "2.weight", "2.bias"), ("4.weight", "4.bias")),
+    (mlp(), 1, ("4.weight", "4.bias"), ("0.weight", "0.bias", "2.weight", "2.bias"), ("4.weight", "4.bias")),
+])
+def test_adamw_output_layer_puts_the_output_layers_parameters_in_the_cap_tied_or_not(model, last_n_layers,
+                                                                                     default_adamw, sign, adamw):
+    assert partition_trainable_layers(model, last_n_layers).adamw_parameter_names == default_adamw
+    routed = partition_trainable_layers(model, last_n_layers, adamw_output_layer=True)
+    assert routed.sign_parameter_names == sign
+    assert routed.adamw_parameter_names == adamw
+
+
+def test_a_pytree_output_layer_is_its_last_layer():
+    import numpy as np  # a pytree of NumPy arrays: the rule the JAX partition runs, without JAX
+
+    tree = {"embed": {"table": np.zeros((8, 4))}, "block": {"kernel": np.zeros((4, 4)), "bias": np.zeros(4)},
+            "head": {"kernel": np.zeros((4, 8))}}
+    partition = split_layers(tree_layers(tree), 0, adamw_output_layer=True)
+    assert partition.adamw_parameter_names == ("head/kernel",)
+    assert partition.sign_layer_names == ("embed", "block")
+    assert partition.tied_output_warning() is None  # a pytree shares no parameter
+
+
+@pytest.mark.parametrize("norm_width, options, warns", [
+    (1, dict(), True),  # the cap: 1 of 199 parameters, under 1%
+    (2, dict(), False),  # 2 of 200: 1%, a cap the user chose
+    (1, dict(adamw_output_layer=True), False),
+    (1, dict(adamw_params=lambda name: name == "embed.weight"), False),
+])
+def test_the_tied_output_warning_needs_a_tied_output_weight_in_the_trunk_and_a_cap_under_one_percent(
+        norm_width, options, warns):
+    partition = partition_trainable_layers(TiedHead(norm_width), 1, **options)
+    assert (partition.tied_output_warning() is not None) is warns
+
+
+def test_a_parameter_shared_inside_the_trunk_is_no_tied_output():
+    model = mlp()
+    model[2] = nn.Linear(4, 4)
+    model[3] = nn.Linear(4, 4)
+    model[3].weight = model[2].weight  # a weight used twice in the trunk (ALBERT's sharing), an untied head
+    partition = partition_trainable_layers(model, 0)  # an empty cap: under 1% of anything
+    assert partition.sign_parameter_names == ("0.weight", "0.bias", "2.weight", "2.bias", "3.bias", "4.weight",
+                                              "4.bias")
+    assert partition.tied_output_warning() is None
+
+
+def test_params_choose_the_parameters_and_the_others_count_as_frozen():
+    model = mlp()
+    partition = partition_trainable_layers(model, 1, params=[model[0].weight, model[2].weight])
+    assert partition.sign_parameter_names == ("0.weight",)
+    assert partition.adamw_parameter_names == ("2.weight",)
+    with pytest.raises(ValueError, match="adamw_output_layer must be True or False, got 1"):
+        partition_trainable_layers(model, adamw_output_layer=1)

@@ -8,9 +8,22 @@ the AdamW cap, the rest the sign trunk. ``last_n_layers=0`` keeps every layer
 in the trunk; a value larger than the number of layers moves every layer to
 the cap.
 
-Two opt-in routes send more parameters to the cap: ``adamw_norm_layers=True``
-(every parameter of a normalization layer) and ``adamw_params`` (a predicate
-over full parameter names).
+Three opt-in routes send more parameters to the cap: ``adamw_norm_layers=True``
+(every parameter of a normalization layer), ``adamw_output_layer=True`` (the
+output layer's parameters, see below) and ``adamw_params`` (a predicate over
+full parameter names).
+
+The *output layer* is the last module, in registration order, that holds a
+trainable parameter of its own, shared or not: an MLP's last ``Linear``, an
+untied ``lm_head``, and also a tied ``lm_head`` whose weight is the input
+embedding's (Hugging Face GPT-2: ``lm_head.weight is transformer.wte.weight``).
+The seeds' rule gives that shared weight to its first owner, the embedding,
+so with ``last_n_layers=1`` a tied LM head is updated by signs in the trunk and
+only the final norm is in the cap; ``adamw_output_layer=True`` moves the shared
+weight to the cap (it is one tensor, so the embedding gets AdamW too), where it
+keeps its first owner's name and layer (``transformer.wte``). A pytree shares
+nothing: its output layer is its last layer. ``STACPartition.tied_output_warning``
+tells when a tied output layer is left in the trunk beside a cap of under 1%.
 
 Where the layers come from:
 
@@ -60,13 +73,21 @@ class LayerGroup:
         return sum(p.numel() for p in self.parameters)
 
 
+# The share of the trainable parameters under which a cap is small enough for STAC to warn about a tied output
+# layer left in the trunk (tied_output_warning).
+SMALL_CAP_FRACTION = 0.01
+
+
 @dataclass(frozen=True)
 class STACPartition:
-    """The sign trunk and the AdamW cap of a model, each a tuple of ``LayerGroup``."""
+    """The sign trunk and the AdamW cap of a model, each a tuple of ``LayerGroup``, and the model's output layer
+    (see the module docstring) as a ``LayerGroup`` whose parameters are named as in the layers (a tied weight
+    under its first owner's name)."""
 
     sign_layers: tuple
     adamw_layers: tuple
     sign_state_bytes_per_element: int | None = None  # None: the parameter's element size (see table())
+    output_layer: LayerGroup | None = None
 
     @property
     def sign_layer_names(self):
@@ -95,6 +116,30 @@ class STACPartition:
     @property
     def adamw_parameters(self):
         return [p for layer in self.adamw_layers for p in layer.parameters]
+
+    def tied_output_warning(self):
+        """The text of STAC's warning about a tied output layer left in the trunk, or None when there is none.
+
+        It applies when the output layer uses a parameter an earlier layer owns (a tied LM head), that parameter
+        is in the sign trunk, and the AdamW cap holds under ``SMALL_CAP_FRACTION`` (1%) of the trainable
+        parameters: the cap the user asked for then misses the layer it was meant for.
+        """
+        output = self.output_layer
+        if output is None:
+            return None
+        owner_of = {name: layer.name for layer in self.sign_layers for name in layer.parameter_names}
+        tied = [name for name in output.parameter_names if owner_of.get(name, output.name) != output.name]
+        if not tied:
+            return None
+        cap = sum(layer.numel for layer in self.adamw_layers)
+        total = cap + sum(layer.numel for layer in self.sign_layers)
+        if cap >= SMALL_CAP_FRACTION * total:
+            return None
+        return (f"STAC: the output layer {output.name!r} uses the parameter {tied[0]!r} of the earlier layer "
+                f"{owner_of[tied[0]]!r} (tied weights); a shared parameter belongs to its first owner, so it takes "
+                f"sign updates in the trunk, and the AdamW cap holds {cap:,} of the {total:,} trainable parameters "
+                f"({cap / total:.2%}). Pass adamw_output_layer=True to put the output layer's parameters in the "
+                f"AdamW cap.")
 
     def table(self, sign_state_bytes_per_element=None):
         """A text table: layer, role, parameter count, optimizer-state bytes.
@@ -160,24 +205,54 @@ def same_parameter_names(saved, current):
     return list(map(without_wrapper_prefixes, saved)) == list(map(without_wrapper_prefixes, current))
 
 
-def module_layers(model):
-    """The trainable layers of a PyTorch ``model`` in registration order (see the module docstring)."""
+def _check_model(model):
     if not callable(getattr(model, "named_modules", None)):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _trainable_parameters_by_module(model, params):
+    """``(module name, module, [(parameter name, parameter), ...])`` for each module of ``model`` (see
+    ``module_paths``) holding trainable parameters of its own, shared ones included, in registration order. A
+    parameter is trainable when it requires grad and, unless ``params`` is None, is one of ``params``."""
+    chosen = None if params is None else {id(param) for param in params}
+    for module_name, module in module_paths(model):
+        own = [(f"{module_name}.{name}" if module_name else name, param)
+               for name, param in module.named_parameters(recurse=False)
+               if param.requires_grad and (chosen is None or id(param) in chosen)]
+        if own:
+            yield module_name, module, own
+
+
+def module_layers(model, params=None):
+    """The trainable layers of a PyTorch ``model`` in registration order (see the module docstring); with
+    ``params``, only those parameters count as trainable (the others as frozen)."""
+    _check_model(model)
     seen = set()
     layers = []
-    for module_name, module in module_paths(model):
-        names, params = [], []
-        for param_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            names.append(f"{module_name}.{param_name}" if module_name else param_name)
-            params.append(param)
-        if params:
-            layers.append(LayerGroup(name=module_name or ROOT_LAYER_NAME, parameter_names=tuple(names),
-                                     parameters=tuple(params), is_norm=_is_norm_module(module)))
+    for module_name, module, own in _trainable_parameters_by_module(model, params):
+        new = [(name, param) for name, param in own if id(param) not in seen]
+        seen.update(id(param) for _, param in new)
+        if new:
+            layers.append(LayerGroup(name=module_name or ROOT_LAYER_NAME, parameter_names=tuple(n for n, _ in new),
+                                     parameters=tuple(p for _, p in new), is_norm=_is_norm_module(module)))
     return layers
+
+
+def module_output_layer(model, params=None):
+    """The output layer of a PyTorch ``model`` (see the module docstring): a ``LayerGroup`` named by its module,
+    holding its trainable parameters under the names ``module_layers`` gives them (a tied weight under its
+    first owner's); None when nothing is trainable."""
+    _check_model(model)
+    first_names, output = {}, None
+    for module_name, module, own in _trainable_parameters_by_module(model, params):
+        for name, param in own:
+            first_names.setdefault(id(param), name)
+        output = module_name, module, own
+    if output is None:
+        return None
+    module_name, module, own = output
+    return LayerGroup(name=module_name or ROOT_LAYER_NAME, parameter_names=tuple(first_names[id(p)] for _, p in own),
+                      parameters=tuple(p for _, p in own), is_norm=_is_norm_module(module))
 
 
 def _is_array(leaf):
@@ -223,47 +298,63 @@ def check_last_n_layers(last_n_layers):
         raise ValueError(f"last_n_layers must be an integer >= 0, got {last_n_layers!r}")
 
 
-def split_layers(layers, last_n_layers=1, *, adamw_norm_layers=False, adamw_params=None):
+def split_layers(layers, last_n_layers=1, *, adamw_norm_layers=False, adamw_output_layer=False, adamw_params=None,
+                 output_layer=None):
     """The partition of ``layers`` (``LayerGroup``s in model order) by the rule in the module docstring.
 
-    A layer split by ``adamw_params`` appears in both roles, each with its own parameters.
+    ``output_layer`` is the model's output layer, a ``LayerGroup`` whose parameters are named as in ``layers``
+    (from ``module_output_layer``); None: the last of ``layers``, which it is when no parameter is shared (a
+    pytree). With ``adamw_output_layer=True`` its parameters go to the cap. A layer split by ``adamw_params`` or
+    ``adamw_output_layer`` appears in both roles, each with its own parameters.
     """
     check_last_n_layers(last_n_layers)
+    if not isinstance(adamw_output_layer, bool):
+        raise ValueError(f"adamw_output_layer must be True or False, got {adamw_output_layer!r}")
     if adamw_params is not None and not callable(adamw_params):
         raise TypeError("adamw_params must be a callable taking a parameter name and returning a bool")
     if not layers:
         raise ValueError("model has no trainable parameters: STAC needs at least one parameter with "
                          "requires_grad=True")
+    if output_layer is None:
+        output_layer = layers[-1]
+    output_names = set(output_layer.parameter_names) if adamw_output_layer else set()
+
+    def to_adamw(name):
+        return name in output_names or (adamw_params is not None and bool(adamw_params(name)))
+
     first_cap = max(len(layers) - last_n_layers, 0)
     sign_layers, adamw_layers = [], []
     for index, layer in enumerate(layers):
         if index >= first_cap or (adamw_norm_layers and layer.is_norm):
             adamw_layers.append(layer)
-        elif adamw_params is None:
-            sign_layers.append(layer)
-        else:
-            sign_part, adamw_part = _split_layer(layer, lambda name: bool(adamw_params(name)))
-            if sign_part:
-                sign_layers.append(sign_part)
-            if adamw_part:
-                adamw_layers.append(adamw_part)
-    return STACPartition(tuple(sign_layers), tuple(adamw_layers))
+            continue
+        sign_part, adamw_part = _split_layer(layer, to_adamw)
+        if sign_part:
+            sign_layers.append(sign_part)
+        if adamw_part:
+            adamw_layers.append(adamw_part)
+    return STACPartition(tuple(sign_layers), tuple(adamw_layers), output_layer=output_layer)
 
 
-def partition_trainable_layers(model, last_n_layers=1, *, adamw_norm_layers=False, adamw_params=None):
+def partition_trainable_layers(model, last_n_layers=1, *, adamw_norm_layers=False, adamw_output_layer=False,
+                               adamw_params=None, params=None):
     """Split a PyTorch ``model`` into a sign trunk and an AdamW cap.
 
     Args:
         model: the ``nn.Module`` to partition.
         last_n_layers: how many of the last trainable layers use AdamW (>= 0).
         adamw_norm_layers: also send every normalization-layer parameter to AdamW.
+        adamw_output_layer: also send the output layer's parameters to AdamW, tied or not (see the module
+            docstring).
         adamw_params: a predicate ``name -> bool`` over full parameter names; a
             parameter for which it returns True also goes to AdamW.
+        params: the parameters to partition (None: every parameter of ``model``); the model's other
+            parameters count as frozen.
 
     Returns:
-        A ``STACPartition``. A layer split by ``adamw_params`` appears in both roles,
-        each with its own parameters.
+        A ``STACPartition`` holding the model's output layer. A layer split by ``adamw_params`` or
+        ``adamw_output_layer`` appears in both roles, each with its own parameters.
     """
-    check_last_n_layers(last_n_layers)
-    return split_layers(module_layers(model), last_n_layers, adamw_norm_layers=adamw_norm_layers,
-                        adamw_params=adamw_params)
+    return split_layers(module_layers(model, params), last_n_layers, adamw_norm_layers=adamw_norm_layers,
+                        adamw_output_layer=adamw_output_layer, adamw_params=adamw_params,
+                        output_layer=module_output_layer(model, params))

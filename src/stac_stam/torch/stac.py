@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -189,6 +190,78 @@ def _from_stac_optimizer_0_1_5(state_dict):
     return dict(state_dict, param_groups=converted, state=state)
 
 
+# What a param group given to STAC may hold besides its parameters: its own decoupled weight decay (the no-decay
+# group of biases and norms that Hugging Face's Trainer and minGPT build). The other hyperparameters are per role.
+USER_GROUP_KEYS = ("params", "weight_decay")
+
+
+def _is_module(value):
+    return callable(getattr(value, "named_modules", None))
+
+
+def _model_and_param_groups(params, model):
+    """The model STAC partitions and the param groups given with it, each ``{"params": [tensors]}`` plus its
+    ``weight_decay`` if it sets one (None: the model alone, every trainable parameter in one group)."""
+    if _is_module(params):
+        if model is not None and model is not params:
+            raise ValueError("STAC got two models: pass the model as the first argument or as model=, not both")
+        return params, None
+    if model is None:
+        given = "nothing" if params is None else f"params (a {type(params).__name__})"
+        raise TypeError(f"STAC splits a model into layers, so it needs the model (a torch.nn.Module); got {given} "
+                        "and no model=. Pass STAC(model, ...), or STAC(params, model=model, ...) to choose the "
+                        "parameters or give param groups their own weight_decay. With Hugging Face Trainer, put "
+                        "the model in the kwargs: optimizer_cls_and_kwargs=(STAC, {'model': model, ...}).")
+    if not _is_module(model):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if params is None:
+        return model, None
+    if torch.is_tensor(params) or isinstance(params, (Mapping, str)):
+        raise TypeError(f"params must be an iterable of parameters, of (name, parameter) pairs or of param group "
+                        f"dicts, got a {type(params).__name__}")
+    params = list(params)
+    as_groups = bool(params) and all(isinstance(group, Mapping) for group in params)
+    model_params = {id(param) for param in model.parameters()}
+    groups, seen = [], set()
+    for index, group in enumerate(params if as_groups else [{"params": params}]):
+        where = f"params[{index}]" if as_groups else "params"
+        unknown = sorted(set(group) - set(USER_GROUP_KEYS))
+        if unknown:
+            raise ValueError(f"{where} sets {', '.join(map(repr, unknown))}: a param group given to STAC may set "
+                             "its own weight_decay only; lr, betas and eps are per role (lr, sign_lr, adamw_lr, "
+                             "betas, eps, sign_momentum)")
+        if "weight_decay" in group:
+            check_range(f"{where}['weight_decay']", group["weight_decay"], 0.0)
+        tensors = group.get("params", [])
+        tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
+        where = f"{where}['params']" if as_groups else where
+        for position, tensor in enumerate(tensors):
+            if isinstance(tensor, tuple) and len(tensor) == 2:  # (name, parameter), as model.named_parameters()
+                tensors[position] = tensor = tensor[1]
+            if not torch.is_tensor(tensor):
+                raise TypeError(f"{where}[{position}] must be a parameter of model or a (name, parameter) pair, "
+                                f"got {type(tensor).__name__}")
+            if id(tensor) not in model_params:
+                raise ValueError(f"{where}[{position}] (a tensor of shape {tuple(tensor.shape)}) is not a parameter "
+                                 "of model")
+            if id(tensor) in seen:
+                raise ValueError(f"{where}[{position}] appears twice in params: list each parameter once")
+            seen.add(id(tensor))
+        groups.append(dict(group, params=tensors))
+    return model, groups
+
+
+def _param_group(layers, given, hyperparameters):
+    """The param group of the parameters of ``layers`` (one role's) that the given param group ``given`` holds:
+    ``hyperparameters``, with ``given``'s own weight_decay if it sets one."""
+    chosen = {id(param) for param in given["params"]}
+    members = [(layer.name, name, param) for layer in layers
+               for name, param in zip(layer.parameter_names, layer.parameters) if id(param) in chosen]
+    return dict(hyperparameters, weight_decay=given.get("weight_decay", hyperparameters["weight_decay"]),
+                layer_names=list(dict.fromkeys(layer for layer, _, _ in members)),
+                param_names=[name for _, name, _ in members], params=[param for _, _, param in members])
+
+
 class STAC(SkipNonfiniteOptimizer):
     r"""SignSGD Trunk, AdamW Cap.
 
@@ -250,7 +323,39 @@ class STAC(SkipNonfiniteOptimizer):
     Routing beyond "last N": ``adamw_norm_layers=True`` also sends every
     normalization-layer parameter (BatchNorm, LayerNorm, GroupNorm, RMSNorm)
     to the cap, as Zhao et al. (ICLR 2025) find adaptivity matters there;
+    ``adamw_output_layer=True`` sends the output layer's parameters (the last
+    module holding a trainable parameter, shared or not: an MLP's last Linear,
+    an untied ``lm_head``, a tied ``lm_head`` whose weight is the embedding's,
+    the layer where Zhao et al. find adaptivity matters most) to the cap;
     ``adamw_params`` is a predicate over full parameter names for anything else.
+
+    Tied weights: a shared parameter belongs to its first owner (the seeds'
+    rule), so a tied LM head (Hugging Face GPT-2: ``lm_head.weight is
+    transformer.wte.weight``) is no layer of its own and its weight, the
+    embedding's, takes sign updates; ``last_n_layers=1`` then caps only the
+    final norm. When the cap holds under 1% of the trainable parameters while
+    the output layer's weight is an earlier trunk layer's, STAC warns once at
+    construction (a ``UserWarning`` naming the layers, the counts and the fix,
+    ``adamw_output_layer=True``; ``partition.tied_output_warning()`` is its text).
+
+    What STAC receives: the model, ``STAC(model, ...)`` (every trainable
+    parameter), or parameters with the model, ``STAC(params, model=model,
+    ...)``, where ``params`` is an iterable of the model's parameters, of
+    ``(name, parameter)`` pairs (``model.named_parameters()``) or of param group
+    dicts. The model gives the layers (their order, names, classes and shared
+    parameters); ``params`` chooses the parameters (the model's others count as
+    frozen), and a group may set its own ``weight_decay``, which its parameters
+    get in both roles (the no-decay group of biases and norms of Hugging Face's
+    Trainer and minGPT). STAC then has one param group per role and given group
+    that holds parameters, in that order. A group's other hyperparameters
+    (``lr``, ``betas``, ...) are refused: STAC sets them per role.
+    Hugging Face ``Trainer(optimizer_cls_and_kwargs=(STAC, {"model": model,
+    ...}))`` passes the model itself (Trainer takes ``model`` out of the kwargs
+    and drops its own param groups, so ``TrainingArguments.weight_decay`` does
+    not reach STAC: give ``weight_decay`` in the kwargs); Lightning's
+    ``configure_optimizers`` returns ``STAC(self, ...)`` or ``STAC(groups,
+    model=self, ...)``. Both resume from their checkpoints exactly
+    (``examples/hf_trainer.py``, ``examples/lightning_module.py``).
 
     Speed: with ``fused=True`` (the default) the trunk runs one
     ``torch.compile``d pass per large tensor, compiled once at the first step
@@ -273,16 +378,22 @@ class STAC(SkipNonfiniteOptimizer):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         print(optimizer.partition.table())
+
+        # A tied LM head in the cap, and no weight decay on biases and norms:
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = STAC([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], model=model,
+                         lr=1e-3, weight_decay=0.1, adamw_output_layer=True)
     """
 
     _settings = SkipNonfiniteOptimizer._settings + ("sign_state_dtype", "partition", "_groups_built")
 
-    def __init__(self, model, *, lr=1e-3, last_n_layers=1, sign_momentum=None, sign_interpolation=None,
-                 sign_step_scale=None, sign_state_dtype=None,
+    def __init__(self, params=None, *, model=None, lr=1e-3, last_n_layers=1, sign_momentum=None,
+                 sign_interpolation=None, sign_step_scale=None, sign_state_dtype=None,
                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sign_weight_decay=None,
                  adamw_weight_decay=None, sign_lr=None, adamw_lr=None, amsgrad=False, maximize=False,
-                 error_if_nonfinite=False, adamw_norm_layers=False, adamw_params=None, fused=True,
-                 trunk_momentum=None, trunk_lr=None, cap_lr=None, trunk_weight_decay=None,
+                 error_if_nonfinite=False, adamw_norm_layers=False, adamw_output_layer=False, adamw_params=None,
+                 fused=True, trunk_momentum=None, trunk_lr=None, cap_lr=None, trunk_weight_decay=None,
                  cap_weight_decay=None):
         given_aliases = {name: value for name, value in [
             ("trunk_momentum", trunk_momentum), ("trunk_lr", trunk_lr), ("cap_lr", cap_lr),
@@ -305,11 +416,15 @@ class STAC(SkipNonfiniteOptimizer):
             if value is not None:
                 check_range(name, value, 0.0)
         check_flag("adamw_norm_layers", adamw_norm_layers)
+        check_flag("adamw_output_layer", adamw_output_layer)
         betas = tuple(check_pair("betas", betas))
         sign_state_dtype = resolve_state_dtype("sign_state_dtype", sign_state_dtype)
+        model, param_groups = _model_and_param_groups(params, model)
 
         partition = partition_trainable_layers(
-            model, last_n_layers, adamw_norm_layers=adamw_norm_layers, adamw_params=adamw_params)
+            model, last_n_layers, adamw_norm_layers=adamw_norm_layers, adamw_output_layer=adamw_output_layer,
+            adamw_params=adamw_params,
+            params=None if param_groups is None else [param for group in param_groups for param in group["params"]])
         if sign_lr is None:
             sign_lr = SIGN_LR_SCALE * lr if partition.sign_layers and partition.adamw_layers else lr
         if adamw_lr is None:
@@ -323,16 +438,14 @@ class STAC(SkipNonfiniteOptimizer):
             "adamw": dict(lr=adamw_lr, betas=betas, eps=eps, amsgrad=amsgrad,
                           weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay),
         }
-        groups = []
-        for role, layers, parameters, hyperparameters in (
-                ("sign", partition.sign_layers, partition.sign_parameters, roles["sign"]),
-                ("adamw", partition.adamw_layers, partition.adamw_parameters, roles["adamw"])):
-            group = dict(hyperparameters, role=role, stac_role=role, maximize=maximize,
-                         layer_names=[layer.name for layer in layers],
-                         param_names=[name for layer in layers for name in layer.parameter_names])
-            self._check_group(group)  # every role's, with a part of the model or not
-            if layers:
-                groups.append(dict(group, params=parameters))
+        if param_groups is None:  # the model alone: one given group, with no weight_decay of its own
+            param_groups = [{"params": partition.sign_parameters + partition.adamw_parameters}]
+        groups = []  # one per role and given group, in that order
+        for role, layers in (("sign", partition.sign_layers), ("adamw", partition.adamw_layers)):
+            hyperparameters = dict(roles[role], role=role, stac_role=role, maximize=maximize)
+            self._check_group(dict(hyperparameters, layer_names=[], param_names=[]))  # every role's, used or not
+            groups += [group for given in param_groups
+                       if (group := _param_group(layers, given, hyperparameters))["params"]]
 
         # What partition.table() counts per trunk element: no momentum, or one in sign_state_dtype (None: the
         # parameter's dtype).
@@ -343,9 +456,12 @@ class STAC(SkipNonfiniteOptimizer):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(groups, defaults, error_if_nonfinite, fused)
         self._groups_built = True
+        tied_output_warning = partition.tied_output_warning()
+        if tied_output_warning:
+            warnings.warn(tied_output_warning, UserWarning, stacklevel=2)
 
     @classmethod
-    def recommended(cls, model, lr=3e-3, **overrides):
+    def recommended(cls, params=None, lr=3e-3, **overrides):
         r"""STAC as the benchmark's ablation recommends it: SNR-scaled sign steps at 3x the rate, bf16 momentum.
 
         ``STAC(model, lr=lr, sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
@@ -367,7 +483,7 @@ class STAC(SkipNonfiniteOptimizer):
         options = dict(sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
                        sign_state_dtype=torch.bfloat16)
         options.update(overrides)
-        return cls(model, lr=lr, **options)
+        return cls(params, lr=lr, **options)
 
     def add_param_group(self, param_group):
         if getattr(self, "_groups_built", False):
