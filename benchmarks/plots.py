@@ -31,8 +31,10 @@ def _panels(result):
 
 
 def _grid(count, height):
-    rows = math.ceil(count / COLUMNS)
-    fig, axes = plt.subplots(rows, COLUMNS, figsize=(4.6 * COLUMNS, height * rows), squeeze=False)
+    columns = min(count, COLUMNS)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns + 1.5, max(height, 2.4) * rows + 0.6),
+                             squeeze=False)
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
@@ -72,8 +74,8 @@ def final_loss(result, path):
         for row, name in enumerate(panel_names):
             values = relative[name]
             mean = sum(values) / len(values)
-            ax.scatter([clip(v) for v in values], [row] * len(values), s=12, color=style(name)[0], alpha=0.6,
-                       edgecolors="none")
+            ax.scatter([clip(v) for v in values], [row] * len(values), s=16, color=style(name)[0], alpha=0.8,
+                       edgecolors="black", linewidths=0.3)
             ax.plot([clip(min(values)), clip(max(values))], [row, row], color=style(name)[0], linewidth=1)
             ax.scatter([clip(mean)], [row], s=40, marker="|", color="black")
             if mean > high:
@@ -89,9 +91,9 @@ def final_loss(result, path):
         ax.set_xlabel(f"final validation loss vs {YARDSTICK[framework]}", fontsize=7)
     handles = [plt.Line2D([], [], color="gray", marker="o", linestyle="-", markersize=4, label="seeds (range)"),
                plt.Line2D([], [], color="black", marker="|", linestyle="none", markersize=8, label="mean")]
-    fig.legend(handles=handles, loc="lower right", fontsize=8, frameon=False)
-    fig.suptitle(f"Final validation loss per seed, relative to the task's AdamW mean (lower is better; axes clipped "
-                 f"at {LOSS_CLIP[0]:+.0%} and {LOSS_CLIP[1]:+.0%}, a clipped mean written at the edge)", fontsize=10)
+    axes[0].legend(handles=handles, loc="best", fontsize=7)
+    fig.suptitle(f"Final validation loss per seed, relative to the task's AdamW mean (lower is better)\naxes clipped "
+                 f"at {LOSS_CLIP[0]:+.0%} and {LOSS_CLIP[1]:+.0%}, a clipped mean written at the edge", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -127,8 +129,8 @@ def memory_vs_quality(result, path):
     handles = [plt.Line2D([], [], color=style(n)[0], marker=style(n)[1], linestyle="none", markeredgecolor="black",
                           markeredgewidth=0.4, label=n) for n in names]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    fig.suptitle(f"Memory against quality (mean over seeds; lower left is better; loss axes clipped at "
-                 f"{LOSS_CLIP[0]:+.0%} and {LOSS_CLIP[1]:+.0%})", fontsize=10)
+    fig.suptitle(f"Memory against quality (mean over seeds; lower left is better)\nloss axes clipped at "
+                 f"{LOSS_CLIP[0]:+.0%} and {LOSS_CLIP[1]:+.0%}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

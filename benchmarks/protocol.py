@@ -1,12 +1,12 @@
 """The protocol every optimizer gets, and the statistics the report draws from its runs.
 
 Tuning: a learning-rate sweep over the optimizer's grid of 3 rates on seed 0,
-scored by final validation loss and extended by one rung of ``LR_LADDER`` past
-an edge that wins (at most twice), so the best rate is never the grid's limit;
-then the task's seeds at the best rate. Within a seed every optimizer sees the
-same initialization, data order and batch schedule. The learning rate follows
-``lr_factor``: a linear warmup over the first 5% of the steps, then a cosine
-decay to zero.
+scored by final validation loss and extended by one rung of the ladder 1e-5,
+3e-5, 1e-4, ..., 0.3, 1 past an edge that wins (at most twice), so the best
+rate is never the grid's limit; then the task's seeds at the best rate. Within
+a seed every optimizer sees the same initialization, data order and batch
+schedule. The learning rate warms up linearly over the first 5% of the steps,
+then decays to zero along a cosine.
 
 Statistics: a mean over seeds carries its standard error (sample standard
 deviation / sqrt(seeds)); a gap between two means carries the standard error

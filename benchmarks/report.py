@@ -177,7 +177,7 @@ def readme(result):
              f"{result['elapsed_s'] / 60:.1f} minutes.", ""]
     if "torch" in result["quality"]:
         lines += ["## Headline (PyTorch)", "", headline_table(result)]
-    lines += ["## Method", "", result["protocol"].strip(), "", "Tasks:", ""]
+    lines += ["## Method", "", result["protocol"].split("\n\n", 1)[-1].strip(), "", "Tasks:", ""]
     lines += [f"- {fw} `{task}`: {block['description']}; {block['steps']} steps, {block['seeds']} seed(s)."
               for fw, tasks in result["quality"].items() for task, block in tasks.items()]
     lines += ["", "Optimizer state is the bytes of its state tensors as stored (a quantized state counts its codes "

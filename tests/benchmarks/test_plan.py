@@ -9,7 +9,7 @@ from benchmarks.tasks import TASKS
 
 def arguments(**overrides):
     values = dict(quick=False, full=False, ablation=False, tasks=["digits_mlp"], optimizers=["AdamW", "STAM", "adamw"],
-                  frameworks=["torch", "jax"], seeds=None, workers=2, no_speed=False)
+                  frameworks=["torch", "jax"], seeds=3, workers=2, no_speed=False)
     return argparse.Namespace(**{**values, **overrides})
 
 
