@@ -6,6 +6,7 @@ time), then a line per finished run with the overall ETA. By default it reuses
 the learning rates of the last full sweep (``--lrs-from``, the committed
 ``docs/benchmark/report.json``) where the task and its steps are unchanged and
 sweeps the rest; ``--full`` sweeps everything (see ``benchmarks.protocol``).
+The committed report is ``--full --ablation --out docs/benchmark``.
 """
 
 import argparse

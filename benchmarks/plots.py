@@ -115,6 +115,9 @@ def memory_vs_quality(result, path):
             color, marker = style(name)
             ax.scatter(state, min(max(means[name], low), high), s=36, color=color, marker=marker,
                        edgecolors="black", linewidths=0.4, zorder=3)
+            if means[name] > high:
+                ax.annotate(f"{means[name]:+.0%}", (state, high), xytext=(4, -8), textcoords="offset points",
+                            fontsize=6)
         ax.set_xscale("log")
         ax.set_xlim(5e-3, 2.0)
         ax.set_ylim(low, high)
@@ -157,6 +160,8 @@ def step_time(speed, path):
         ax.axvline(1.0, color="gray", linewidth=0.8)
         ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"{framework} {shape}: step time / {block.get('yardstick')}", fontsize=9)
+        ax.set_xlabel("step time relative to the yardstick (floor: its bytes moved at the measured bandwidth)",
+                      fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
