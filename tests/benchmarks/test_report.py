@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def entry(losses, state, suite="default"):
     mean, se = mean_and_se(losses)
     return {"best_lr": 0.003, "lr_source": "swept in this run", "sweep": {"0.003": losses[0] if losses else None},
-            "val_losses": losses, "mean": mean, "se": se, "seeds": len(losses), "diverged": sum(v is None for v in losses),
-            "val_accuracy_mean": None, "state_bytes": state, "run_cpu_seconds": 1.0, "suite": suite,
+            "val_losses": losses, "mean": mean, "se": se, "seeds": len(losses),
+            "diverged": sum(v is None for v in losses), "val_accuracy_mean": None, "state_bytes": state, "run_cpu_seconds": 1.0, "suite": suite,
             "failures": []}
 
 
