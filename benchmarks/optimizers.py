@@ -1,105 +1,126 @@
-"""One registry table of every optimizer the benchmark runs: factory and learning-rate sweep grid.
+"""The registry of every optimizer the benchmark runs: one row each, the optimizer's import path, its options and
+its learning-rate sweep grid.
 
-Every factory takes the learning rate; PyTorch factories also take the model.
-Weight decay is each optimizer's usual default (0.01 where decoupled, 0 for SGD).
+A row imports nothing until a run builds its optimizer, so the main job can
+print its plan before torch and jax load. Weight decay is 0.01 wherever it is
+decoupled (AdamW and its 8-bit and factored peers, Lion, STAC, STAM), 0 for
+SGD with momentum. The ``default`` suite is what the main job compares; the
+``ablation`` suite is STAC's candidate changes, each alone and combined
+(issue 19): a new candidate is one row of ``ablation_registry``.
 """
 
-import torch
+import importlib
+from dataclasses import dataclass, field
 
-GRID_ADAM_LIKE = (3e-4, 1e-3, 3e-3)
-
-
-def _torch_registry():
-    from lion_pytorch import Lion
-
-    from stac_optimizer import STAC
-    from stam_optimizer.torch import STAM, STAMLite
-
-    return {
-        "STAC": (lambda m, lr: STAC(m, lr=lr), GRID_ADAM_LIKE),
-        "STAC plain sign": (lambda m, lr: STAC(m, lr=lr, sign_momentum=0.0), GRID_ADAM_LIKE),
-        "STAC bf16 state": (lambda m, lr: STAC(m, lr=lr, sign_state_dtype=torch.bfloat16), GRID_ADAM_LIKE),
-        "STAC last 2": (lambda m, lr: STAC(m, lr=lr, last_n_layers=2), GRID_ADAM_LIKE),
-        "STAC recommended": (lambda m, lr: STAC.recommended(m, lr=lr), GRID_ADAM_LIKE),
-        "STAM": (lambda m, lr: STAM(m.parameters(), lr=lr), GRID_ADAM_LIKE),
-        "STAMLite": (lambda m, lr: STAMLite(m.parameters(), lr=lr), GRID_ADAM_LIKE),
-        "AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), GRID_ADAM_LIKE),
-        "Lion": (lambda m, lr: Lion(m.parameters(), lr=lr, weight_decay=0.01), (3e-5, 1e-4, 3e-4)),
-        "SGD momentum": (lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), (1e-2, 3e-2, 1e-1)),
-    }
+GRID_ADAM_LIKE = (1e-3, 3e-3, 1e-2)
+GRID_LION = (1e-4, 3e-4, 1e-3)
+GRID_SGD = (1e-2, 3e-2, 1e-1)
 
 
-def _jax_registry():
-    import optax
+def resolve(path):
+    """``"package.module:Name.attribute"`` -> the object."""
+    module, _, qualname = path.partition(":")
+    target = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
 
-    from stac_optimizer.optax import stac, stac_partition, stac_recommended
-    from stam_optimizer import stam, stam_lite
 
-    # (params, lr): params is the model's own tree, from which STAC takes its partition (inject_hyperparams builds
-    # the transformation anew for every update, so it cannot resolve the partition from the jitted tree).
-    return {
-        "STAM": (lambda params, lr: stam(lr), GRID_ADAM_LIKE),
-        "STAMLite": (lambda params, lr: stam_lite(lr), GRID_ADAM_LIKE),
-        "STAC": (lambda params, lr: stac(lr, partition=stac_partition(params)), GRID_ADAM_LIKE),
-        "STAC recommended": (lambda params, lr: stac_recommended(lr, partition=stac_partition(params)),
-                             GRID_ADAM_LIKE),
-        "adamw": (lambda params, lr: optax.adamw(lr, weight_decay=0.01), GRID_ADAM_LIKE),
-        "lion": (lambda params, lr: optax.lion(lr, weight_decay=0.01), (3e-5, 1e-4, 3e-4)),
-        "sgd momentum": (lambda params, lr: optax.sgd(lr, momentum=0.9), (1e-2, 3e-2, 1e-1)),
-        "rmsprop": (lambda params, lr: optax.rmsprop(lr), GRID_ADAM_LIKE),
-        "adagrad": (lambda params, lr: optax.adagrad(lr), (3e-3, 1e-2, 3e-2)),
-        "nadam": (lambda params, lr: optax.nadam(lr), GRID_ADAM_LIKE),
-        "lamb": (lambda params, lr: optax.lamb(lr), (1e-3, 3e-3, 1e-2)),
-    }
+@dataclass(frozen=True)
+class Row:
+    """An optimizer: ``path`` called with the model (``takes="model"``, as STAC), its parameters (PyTorch) or
+    nothing (optax), then ``lr`` and ``options``. ``sign_lr_scale`` sets STAC's ``sign_lr`` to that multiple of
+    the run's rate; ``embeddings_in_cap`` routes its embeddings to the AdamW cap; ``partition`` gives optax STAC
+    the model's own partition."""
+    path: str
+    grid: tuple = GRID_ADAM_LIKE
+    options: dict = field(default_factory=dict)
+    takes: str = "params"
+    suite: str = "default"
+    sign_lr_scale: float = None
+    embeddings_in_cap: bool = False
+    partition: bool = False
+
+    def make(self, model_or_params, lr):
+        options = dict(self.options)
+        if self.sign_lr_scale is not None:
+            options["sign_lr"] = self.sign_lr_scale * lr
+        if self.embeddings_in_cap:
+            options["adamw_params"] = embedding_parameters(model_or_params)
+        if self.partition:
+            options["partition"] = resolve("stac_stam.jax:stac_partition")(model_or_params)
+        build = resolve(self.path)
+        if self.takes == "model":
+            return build(model_or_params, lr=lr, **options)
+        if self.takes == "params":
+            return build(model_or_params.parameters(), lr=lr, **options)
+        return build(lr, **options)  # optax: the transformation alone
 
 
 def embedding_parameters(model):
     """A predicate for ``STAC(adamw_params=...)``: the parameters of the model's ``nn.Embedding`` layers."""
+    import torch
+
     names = {f"{module_name}.{name}" if module_name else name
              for module_name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)
              for name, _ in module.named_parameters(recurse=False)}
     return lambda name: name in names
 
 
-def _ablation_registry():
-    """STAC's candidate changes (issue 6), each alone and combined, beside AdamW; every one gets the LR sweep."""
-    from stac_optimizer import STAC
+def stac_row(**options):
+    """An ablation row: STAC with these options (``sign_lr_scale`` and ``embeddings_in_cap`` as in ``Row``)."""
+    special = {key: options.pop(key) for key in ("sign_lr_scale", "embeddings_in_cap") if key in options}
+    return Row("stac_stam.torch:STAC", options=options, takes="model", suite="ablation", **special)
 
-    def stac(trunk_lr_scale=None, norms_and_embeddings=False, lion=False, bf16=False, snr=False, **kwargs):
-        def make(m, lr):
-            options = dict(kwargs)
-            if trunk_lr_scale is not None:
-                options["sign_lr"] = trunk_lr_scale * lr
-            if norms_and_embeddings:
-                options.update(adamw_norm_layers=True, adamw_params=embedding_parameters(m))
-            if lion:
-                options.update(sign_interpolation=0.9, sign_momentum=0.99)
-            if bf16:
-                options["sign_state_dtype"] = torch.bfloat16
-            if snr:
-                options["sign_step_scale"] = "snr"
-            return STAC(m, lr=lr, **options)
-        return make, GRID_ADAM_LIKE
 
+def ablation_registry():
+    """STAC's candidate changes; the seeds' STAC, ``STAC.recommended`` and the peers are the default suite's rows."""
     return {
-        "STAC seed defaults": stac(),
-        "+ norms, embeddings in cap": stac(norms_and_embeddings=True),
-        "+ trunk lr 0.5": stac(trunk_lr_scale=0.5),
-        "+ trunk lr 0.25": stac(trunk_lr_scale=0.25),
-        "+ Lion interpolation": stac(lion=True),
-        "+ bf16 momentum": stac(bf16=True),
-        "+ last 2 layers in cap": stac(last_n_layers=2),
-        "+ SNR-scaled sign step": stac(snr=True),
-        # The SNR scale is ~0.1-0.5 on noisy layers: a larger trunk rate gives back the size, keeps the adaptivity.
-        "+ SNR-scaled, trunk lr 3": stac(snr=True, trunk_lr_scale=3.0),
-        "STAC recommended: SNR, trunk lr 3, bf16": (lambda m, lr: STAC.recommended(m, lr=lr), GRID_ADAM_LIKE),
-        "recommended + norms, embeddings in cap": stac(snr=True, trunk_lr_scale=3.0, bf16=True,
-                                                       norms_and_embeddings=True),
-        "AdamW": _torch_registry()["AdamW"],
+        "STAC plain sign": stac_row(sign_momentum=0.0),
+        "STAC bf16 state": stac_row(sign_state_dtype="bfloat16"),
+        "STAC last 2": stac_row(last_n_layers=2),
+        "STAC + norms, embeddings in cap": stac_row(adamw_norm_layers=True, embeddings_in_cap=True),
+        "STAC + Lion interpolation": stac_row(sign_interpolation=0.9, sign_momentum=0.99),
+        "STAC + SNR step, trunk lr x3": stac_row(sign_step_scale="snr", sign_lr_scale=3.0),
     }
 
 
-def registry(framework, suite="default"):
-    if suite == "ablation":
-        return _ablation_registry()
-    return _torch_registry() if framework == "torch" else _jax_registry()
+def torch_registry():
+    decay = {"weight_decay": 0.01}
+    return {
+        "AdamW": Row("torch.optim:AdamW", options=decay),
+        "AdamW8bit": Row("torchao.optim:AdamW8bit", options=decay),
+        "Adafactor": Row("torch.optim:Adafactor", options=decay),
+        "Lion": Row("lion_pytorch:Lion", GRID_LION, options=decay),
+        "SGD momentum": Row("torch.optim:SGD", GRID_SGD, options={"momentum": 0.9}),
+        "STAC": Row("stac_stam.torch:STAC", takes="model"),
+        "STAC recommended": Row("stac_stam.torch:STAC.recommended", takes="model"),
+        "STAM": Row("stac_stam.torch:STAM"),
+        "STAMLite": Row("stac_stam.torch:STAMLite"),
+        **ablation_registry(),
+    }
+
+
+def jax_registry():
+    # STAC takes its partition from the model's own tree: inject_hyperparams builds the transformation anew for
+    # every update, so it cannot resolve the partition from the jitted tree.
+    return {
+        "adamw": Row("optax:adamw", options={"weight_decay": 0.01}, takes="nothing"),
+        "adafactor": Row("optax:adafactor", options={"weight_decay_rate": 0.01}, takes="nothing"),
+        "lion": Row("optax:lion", GRID_LION, options={"weight_decay": 0.01}, takes="nothing"),
+        "sgd momentum": Row("optax:sgd", GRID_SGD, options={"momentum": 0.9}, takes="nothing"),
+        "rmsprop": Row("optax:rmsprop", takes="nothing"),
+        "adagrad": Row("optax:adagrad", (3e-3, 1e-2, 3e-2), takes="nothing"),
+        "nadam": Row("optax:nadam", takes="nothing"),
+        "lamb": Row("optax:lamb", takes="nothing"),
+        "STAC": Row("stac_stam.jax:stac", takes="nothing", partition=True),
+        "STAC recommended": Row("stac_stam.jax:stac_recommended", takes="nothing", partition=True),
+        "STAM": Row("stac_stam.jax:stam", takes="nothing"),
+        "STAMLite": Row("stac_stam.jax:stam_lite", takes="nothing"),
+    }
+
+
+def registry(framework, suites=("default",)):
+    """``{name: Row}`` of the framework's optimizers in the given suites (JAX has the default suite only)."""
+    rows = torch_registry() if framework == "torch" else jax_registry()
+    return {name: row for name, row in rows.items() if row.suite in suites}

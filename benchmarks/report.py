@@ -1,132 +1,195 @@
-"""The benchmark report: a markdown summary and PNG plots from the result dict."""
+"""``docs/benchmark/README.md``, written from ``report.json`` alone so it cannot drift from the numbers; and the
+headline table the top-level README quotes (``headline_table``)."""
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from benchmarks import protocol
 
 YARDSTICK = {"torch": "AdamW", "jax": "adamw"}
+MEMORY_PEERS = ("AdamW8bit", "Adafactor")  # what a user who wants AdamW's quality at less memory picks today
 
 
-def _fmt_bytes(n):
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+def _bytes(n):
+    return "-" if n is None else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def ablation_markdown(result):
-    """One row per configuration: mean validation loss relative to AdamW on each task, and state relative to AdamW."""
-    tasks = result["quality"]["torch"]
-    names = [n for n in next(iter(tasks.values())) if n not in ("steps", "AdamW")]
-    lines = ["| configuration | " + " | ".join(tasks) + " | worst gap | state vs AdamW (max) |",
-             "|---|" + "---:|" * (len(tasks) + 2)]
+def _percent(value):
+    return f"{value:+.1%}".replace("-", "−")
+
+
+def compare(entry, reference):
+    """``(cell, verdict)``: an entry's mean validation loss against a reference's, bold when better by more than
+    ``protocol.TIE_SE`` standard errors, "tie" within; a seed that diverged counts as worse, a failure as nothing."""
+    if entry.get("mean") is None and not entry.get("diverged"):
+        return ("failed" if entry.get("failures") else "-"), None
+    if entry.get("diverged"):
+        return f"diverged ({entry['diverged']} of {len(entry['val_losses'])} seeds)", "worse"
+    gap, se = protocol.relative_gap(entry, reference)
+    if gap is None:
+        return "-", None
+    text = _percent(gap) + (f" ± {se:.1%}" if se is not None else "")
+    verdict = protocol.verdict(gap, se)
+    return {"tie": f"tie ({text})", "better": f"**{text}**"}.get(verdict, text), verdict
+
+
+def _state_range(tasks, name, yardstick):
+    ratios = [block["optimizers"][name]["state_bytes"] / block["optimizers"][yardstick]["state_bytes"]
+              for block in tasks.values() if name in block["optimizers"] and yardstick in block["optimizers"]
+              and block["optimizers"][name].get("state_bytes") is not None
+              and block["optimizers"][yardstick].get("state_bytes")]
+    if not ratios:
+        return "-"
+    low, high = min(ratios), max(ratios)
+    return f"{low:.0%}" if f"{low:.0%}" == f"{high:.0%}" else f"{low:.0%}–{high:.0%}"
+
+
+def gap_table(tasks, names, reference, framework="torch"):
+    """Rows ``names``, a column per task: each mean validation loss against ``reference``'s on that task, with the
+    standard error of the gap; then the state's range against the yardstick's and the better/tie/worse count."""
+    yardstick = YARDSTICK[framework]
+    lines = [f"| optimizer | state vs {yardstick} | " + " | ".join(tasks) + " | better / tie / worse |",
+             "|---|---:|" + "---:|" * len(tasks) + ":---:|"]
     for name in names:
-        cells, gaps, states = [], [], []
-        for entries in tasks.values():
-            e, adamw = entries[name], entries["AdamW"]
-            gaps.append(e["val_loss_mean"] / adamw["val_loss_mean"] - 1)
-            states.append(e["state_bytes"] / adamw["state_bytes"])
-            cells.append(f"{gaps[-1]:+.1%} (±{e['val_loss_std'] / adamw['val_loss_mean']:.1%})")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {max(gaps):+.1%} | {max(states):.2f} |")
-    lines += ["", "Each cell: mean final validation loss over the seeds relative to LR-tuned AdamW's "
-              "(negative is better), and in brackets the configuration's seed standard deviation relative to "
-              "AdamW's mean."]
-    return "\n".join(lines) + "\n"
-
-
-def summary_markdown(result):
-    machine = result["machine"]
-    lines = [f"Run of {result['date']} on commit {machine.get('commit')}, {machine['platform']}, "
-             f"{machine['cpu_count']} CPUs, torch {machine.get('torch')}, jax {machine.get('jax')}; "
-             f"{result['seeds']} seed(s){' (quick mode)' if result['quick'] else ''}.", ""]
-    if result.get("suite") == "ablation" and all("AdamW" in t for t in result["quality"]["torch"].values()):
-        lines += ["### STAC ablation: validation loss vs AdamW", "", ablation_markdown(result)]
-    for framework, tasks in result["quality"].items():
-        for task, entries in tasks.items():
-            yardstick = entries.get(YARDSTICK[framework])
-            lines += [f"### {framework}: {task} ({entries['steps']} steps)", "",
-                      "| optimizer | best lr | val loss mean [min, max] | vs AdamW | val acc | state | state vs AdamW "
-                      "| step ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-            for name, e in entries.items():
-                if name == "steps":
-                    continue
-                rel_loss = f"{e['val_loss_mean'] / yardstick['val_loss_mean'] - 1:+.1%}" if yardstick else "-"
-                rel_state = f"{e['state_bytes'] / yardstick['state_bytes']:.2f}" if yardstick and \
-                    yardstick["state_bytes"] else "-"
-                accuracy = f"{e['val_accuracy_mean']:.3f}" if e["val_accuracy_mean"] is not None else "-"
-                lines.append(f"| {name} | {e['best_lr']:g} | {e['val_loss_mean']:.4f} [{e['val_loss_min']:.4f}, "
-                             f"{e['val_loss_max']:.4f}] | {rel_loss} | {accuracy} | {_fmt_bytes(e['state_bytes'])} "
-                             f"| {rel_state} | {e['step_ms']:.3f} |")
-            lines.append("")
-    speed = result.get("speed")
-    if speed:
-        for framework in ("torch", "jax"):
-            for shape, block in speed.get(framework, {}).items():
-                lines += [f"### speed, {framework}: {shape} ({block['n_params'] / 1e6:.1f}M parameters, "
-                          f"{block['n_tensors']} tensors; yardstick {block['yardstick']}"
-                          + (f"; bandwidth floor {block['floor_gb_per_s']:.1f} GB/s" if "floor_gb_per_s" in block
-                             else "")
-                          + (f", read floor {block['read_floor_gb_per_s']:.1f} GB/s" if "read_floor_gb_per_s" in block
-                             else "") + ")", "",
-                          "| optimizer | step ms | vs yardstick | state | of bandwidth floor | of read floor "
-                          "| compile s |",
-                          "|---|---:|---:|---:|---:|---:|---:|"]
-                for name, e in block["optimizers"].items():
-                    floor, read_floor = (f"{e[key]:.0%}" if e.get(key) is not None else "-"
-                                         for key in ("floor_fraction", "read_floor_fraction"))
-                    compile_s = f"{e['compile_s']:.2f}" if e["compile_s"] is not None else "-"
-                    lines.append(f"| {name} | {e['step_ms_median']:.2f} | {e['ratio_to_yardstick']:.2f} | "
-                                 f"{_fmt_bytes(e['state_bytes'])} | {floor} | {read_floor} | {compile_s} |")
-                lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def plots(result, out):
-    quality = [(fw, task, entries) for fw, tasks in result["quality"].items() for task, entries in tasks.items()]
-    if quality:
-        fig, axes = plt.subplots(1, len(quality), figsize=(4.2 * len(quality), 3.6), squeeze=False)
-        for ax, (framework, task, entries) in zip(axes[0], quality):
-            for name, e in entries.items():
-                if name != "steps" and e["curve_mean"]:
-                    ax.plot(range(1, len(e["curve_mean"]) + 1), e["curve_mean"], label=name,
-                            linewidth=2.2 if name.startswith(("STAC", "STAM")) else 1.2)
-            ax.set_title(f"{framework}: {task}", fontsize=9)
-            ax.set_xlabel("evaluation (every 10% of steps)", fontsize=8)
-            ax.set_ylabel("validation loss", fontsize=8)
-            ax.set_yscale("log")
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=110)
-        plt.close(fig)
-
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for framework, task, entries in quality:
-            yardstick = entries.get(YARDSTICK[framework])
-            if not yardstick or not yardstick["state_bytes"]:
+        cells, counts = [], {"better": 0, "tie": 0, "worse": 0}
+        for block in tasks.values():
+            entry, ref = block["optimizers"].get(name), block["optimizers"].get(reference)
+            if entry is None or ref is None:
+                cells.append("-")
                 continue
-            for name, e in entries.items():
-                if name == "steps":
-                    continue
-                x, y = e["state_bytes"] / yardstick["state_bytes"], e["val_loss_mean"] / yardstick["val_loss_mean"]
-                ax.scatter(x, y, s=18)
-                ax.annotate(f"{name} ({task[:6]})", (x, y), fontsize=5)
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.axvline(1.0, color="gray", linewidth=0.8)
-        ax.set_xlabel("optimizer-state bytes / AdamW's")
-        ax.set_ylabel("final validation loss / AdamW's")
-        ax.set_title("memory vs quality (each point: one optimizer on one task)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "memory_vs_quality.png", dpi=110)
-        plt.close(fig)
+            cell, verdict = compare(entry, ref)
+            cells.append(cell)
+            if verdict:
+                counts[verdict] += 1
+        lines.append(f"| {name} | {_state_range(tasks, name, yardstick)} | " + " | ".join(cells)
+                     + f" | {counts['better']} / {counts['tie']} / {counts['worse']} |")
+    return "\n".join(lines) + "\n"
 
-    speed = result.get("speed")
-    if speed:
-        blocks = [(fw, shape, block) for fw in ("torch", "jax") for shape, block in speed.get(fw, {}).items()]
-        fig, axes = plt.subplots(1, len(blocks), figsize=(4.5 * len(blocks), 3.8), squeeze=False)
-        for ax, (framework, shape, block) in zip(axes[0], blocks):
-            names = list(block["optimizers"])
-            ax.barh(names, [block["optimizers"][n]["ratio_to_yardstick"] for n in names])
-            ax.axvline(1.0, color="black", linewidth=0.8)
-            ax.set_title(f"{framework} {shape}: step time / {block['yardstick']}", fontsize=8)
-            ax.tick_params(labelsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "step_time.png", dpi=110)
-        plt.close(fig)
+
+def headline_table(result):
+    """The top-level README's table: every default-suite PyTorch optimizer's final validation loss against AdamW's
+    on every task, from ``result`` (a report.json's contents)."""
+    tasks = result["quality"].get("torch", {})
+    if not tasks:
+        return ""
+    names = [n for n, e in next(iter(tasks.values()))["optimizers"].items() if e["suite"] == "default"
+             and n != "AdamW"]
+    return (gap_table(tasks, names, "AdamW")
+            + f"\nFinal validation loss against LR-tuned AdamW's (negative is better; ± one standard error over "
+              f"seeds; **bold**: better by more than {protocol.TIE_SE:g} standard errors; tie: within), and "
+              f"optimizer state against AdamW's. Run of {result['date'][:10]} at commit "
+              f"{result['machine'].get('commit')}.\n")
+
+
+def _task_section(framework, task, block):
+    yardstick = block["optimizers"].get(YARDSTICK[framework])
+    lines = [f"### {framework}: {task}", "", f"{block['description']}; {block['steps']} steps, "
+             f"{block['seeds']} seed(s).", ""]
+    check = block.get("discrimination")
+    if check:
+        lines.append(f"Discrimination check: best ({check['best']}) and worst ({check['worst']}) differ by "
+                     f"{check['standard_errors']:.1f} standard errors: "
+                     + ("passes" if check["passes"] else "**fails**") + f" (needs > {protocol.DISCRIMINATION_SE:g}).")
+    resolved = protocol.resolution(yardstick) if yardstick else None
+    if resolved is not None:
+        lines.append(f"Resolution: a gap to {YARDSTICK[framework]} under {resolved:.1%} can be a tie at these "
+                     "seeds" + ("." if resolved <= 0.02 else " (**more than 2%**: this task needs more seeds)."))
+    lines += ["", f"| optimizer | lr | lr from | val loss ± SE | vs {YARDSTICK[framework]} | val acc | state "
+                  f"| state vs {YARDSTICK[framework]} |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, e in block["optimizers"].items():
+        loss = "-" if e["mean"] is None else f"{e['mean']:.4f}" + (f" ± {e['se']:.4f}" if e["se"] is not None else "")
+        rel = "reference" if e is yardstick else compare(e, yardstick)[0] if yardstick else "-"
+        state = (f"{e['state_bytes'] / yardstick['state_bytes']:.1%}" if yardstick and e["state_bytes"] is not None
+                 and yardstick["state_bytes"] else "-")
+        accuracy = f"{e['val_accuracy_mean']:.3f}" if e.get("val_accuracy_mean") is not None else "-"
+        source = "this run" if e["lr_source"] == "swept in this run" else e["lr_source"]
+        lr = "-" if e["best_lr"] is None else f"{e['best_lr']:g}"
+        lines.append(f"| {name} | {lr} | {source} | {loss} | {rel} | {accuracy} | {_bytes(e['state_bytes'])} "
+                     f"| {state} |")
+    return lines + [""]
+
+
+def _ablation_section(tasks):
+    entries = next(iter(tasks.values()), {}).get("optimizers", {})
+    if not any(e["suite"] == "ablation" for e in entries.values()):
+        return []
+    names = [n for n, e in entries.items() if e["suite"] == "ablation" or n.startswith("STAC")]
+    lines = ["## STAC ablation", "", "STAC's candidate changes, each alone and combined (`benchmarks/optimizers.py`, "
+             "`ablation_registry`), against LR-tuned AdamW and the two memory-lean peers, on the PyTorch tasks.", ""]
+    for reference in ("AdamW", *MEMORY_PEERS):
+        if all(reference in block["optimizers"] for block in tasks.values()):
+            lines += [f"### against {reference}", "", gap_table(tasks, names, reference)]
+    return lines
+
+
+def _speed_columns():
+    """``(key, header, format)`` of the speed entries' fields; a column shows when some entry has its field."""
+    ms = lambda v: f"{v:.2f}"  # noqa: E731
+    return [("step_ms_median", "step ms", ms), ("ratio_to_yardstick", "vs yardstick", lambda v: f"{v:.2f}"),
+            ("state_bytes", "state", _bytes), ("floor_fraction", "of bandwidth floor", lambda v: f"{v:.0%}"),
+            ("read_floor_fraction", "of read floor", lambda v: f"{v:.0%}"), ("first_step_ms", "first step ms", ms),
+            ("compile_s", "compile s", lambda v: f"{v:.2f}"), ("transient_bytes", "transient", _bytes)]
+
+
+def _speed_section(speed):
+    if not speed:
+        return []
+    if "error" in speed:
+        return ["## Speed", "", f"The speed benchmark failed: {speed['error']}", ""]
+    lines = ["## Speed", "", "Per-step time and memory from `benchmarks/speed.py` (its docstring has the method).", ""]
+    for framework in ("torch", "jax"):
+        for shape, block in speed.get(framework, {}).items():
+            if not isinstance(block, dict) or "optimizers" not in block:
+                continue
+            floors = [f"{label} {block[key]:.1f} GB/s" for key, label in
+                      (("floor_gb_per_s", "bandwidth floor"), ("read_floor_gb_per_s", "read floor")) if key in block]
+            lines += [f"### {framework}, {shape}: {block.get('n_params', 0) / 1e6:.1f}M parameters in "
+                      f"{block.get('n_tensors', '?')} tensors; yardstick {block.get('yardstick')}"
+                      + (f"; {', '.join(floors)}" if floors else ""), ""]
+            entries = block["optimizers"]
+            columns = [c for c in _speed_columns() if any(e.get(c[0]) is not None for e in entries.values())]
+            lines += ["| optimizer | " + " | ".join(header for _, header, _ in columns) + " |",
+                      "|---|" + "---:|" * len(columns)]
+            for name, e in entries.items():
+                cells = [fmt(e[key]) if e.get(key) is not None else "-" for key, _, fmt in columns]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+def _failures_section(result):
+    failed = [(fw, task, name, failure) for fw, tasks in result["quality"].items() for task, block in tasks.items()
+              for name, e in block["optimizers"].items() for failure in e.get("failures", [])]
+    if not failed:
+        return []
+    lines = ["## Failed runs", "", "| framework | task | optimizer | lr | seed | error |",
+             "|---|---|---|---:|---:|---|"]
+    lines += [f"| {fw} | {task} | {name} | {f['lr']:g} | {f['seed']} | {f['error'].splitlines()[0][:200]} |"
+              for fw, task, name, f in failed]
+    return lines + [""]
+
+
+def readme(result):
+    """The whole of ``docs/benchmark/README.md`` for ``result`` (a report.json's contents)."""
+    machine = result["machine"]
+    mode = {"quick": " (**quick mode**: not a measurement)", "full": ", every rate swept"}.get(result["mode"], "")
+    lines = ["# Benchmark: should I switch from AdamW?", "",
+             "Written by `python -m benchmarks` from `report.json`; do not edit by hand.", "",
+             f"Run of {result['date']} at commit {machine.get('commit')} on {machine['platform']}, "
+             f"{machine['cpu_count']} CPUs, torch {machine.get('torch')}, jax {machine.get('jax')}{mode}; "
+             f"{result['elapsed_s'] / 60:.1f} minutes.", ""]
+    if "torch" in result["quality"]:
+        lines += ["## Headline (PyTorch)", "", headline_table(result)]
+    lines += ["## Method", "", result["protocol"].split("\n\n", 1)[-1].strip(), "", "Tasks:", ""]
+    lines += [f"- {fw} `{task}`: {block['description']}; {block['steps']} steps, {block['seeds']} seed(s)."
+              for fw, tasks in result["quality"].items() for task, block in tasks.items()]
+    lines += ["", "Optimizer state is the bytes of its state tensors as stored (a quantized state counts its codes "
+              "and scales).", "", "## Per task", ""]
+    for framework, tasks in result["quality"].items():
+        for task, block in tasks.items():
+            lines += _task_section(framework, task, block)
+    lines += _ablation_section(result["quality"].get("torch", {}))
+    lines += _speed_section(result.get("speed"))
+    lines += _failures_section(result)
+    lines += ["## Plots", "", "![final validation loss](final_loss.png)", "",
+              "![memory against quality](memory_vs_quality.png)", ""]
+    if result.get("speed") and "error" not in result["speed"]:
+        lines += ["![step time](step_time.png)", ""]
+    return "\n".join(lines)

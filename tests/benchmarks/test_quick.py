@@ -1,56 +1,81 @@
-"""The main job's quick mode runs end to end and writes a complete report."""
+"""The main job's quick mode, for what it prints and writes: its plan first, a line per finished run with the ETA,
+a report whose README is generated from report.json, a failing run marked while the rest goes on; and the speed
+benchmark's quick section."""
 
 import json
 import math
+import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
 
+from benchmarks import optimizers, report
+from benchmarks.__main__ import main
+from benchmarks.speed import run_speed
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_quick_mode_writes_a_complete_report(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+def test_quick_mode_prints_its_plan_then_a_line_per_run_and_writes_its_report(tmp_path):
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--no-speed", "--out", str(tmp_path),
+               "--tasks", "nonstationary", "--optimizers", "AdamW", "adamw"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "CI": "true"}, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    for name in ("curves.png", "memory_vs_quality.png", "step_time.png", "summary.md"):
-        assert (tmp_path / name).stat().st_size > 1000, name
-    assert report["machine"]["cpu_count"] and report["date"]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "plan: 2 tasks x 2 optimizers x 1 seeds = 2 runs on 2 worker process(es) of 1 thread"
+    assert lines[3].startswith("  estimated time: ")
+    progress = [line for line in lines if line.startswith("[")]
+    assert [int(re.match(r"\[ *(\d+)/2\]", line).group(1)) for line in progress] == [1, 2]
+    assert all(re.search(r" val \d\.\d{4} .*\| \S+ elapsed, ETA \S+$", line) for line in progress), progress
 
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import jax_tasks, optimizers, torch_tasks
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["mode"] == "quick" and written["machine"]["cpu_count"]
+    assert set(written["quality"]) == {"torch", "jax"}
+    for framework, names in (("torch", {"AdamW"}), ("jax", {"adamw"})):
+        assert set(written["quality"][framework]) == {"nonstationary"}
+        for block in written["quality"][framework].values():
+            assert block["steps"] == 10 and set(block["optimizers"]) == names
+            for entry in block["optimizers"].values():
+                assert entry["seeds"] == 1 and math.isfinite(entry["mean"]) and entry["se"] is None
+                assert entry["state_bytes"] > 0 and not entry["failures"]
+    assert (tmp_path / "README.md").read_text() == report.readme(written)
+    assert report.headline_table(written) in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "final_loss.png").stat().st_size > 10_000
 
-    for framework, tasks in (("torch", torch_tasks.TASKS), ("jax", jax_tasks.TASKS)):
-        quality = report["quality"][framework]
-        assert set(quality) == set(tasks)
-        for task, entries in quality.items():
-            assert set(entries) - {"steps"} == set(optimizers.registry(framework)), (framework, task)
-            for name, entry in entries.items():
-                if name == "steps":
-                    continue
-                assert entry["step_ms"] > 0 and entry["state_bytes"] >= 0
-                assert len(entry["sweep"]) == 1 and entry["seeds"] == 1
-    # What STAC is for: less optimizer state than AdamW, on every task.
-    for task, entries in report["quality"]["torch"].items():
-        assert entries["STAC"]["state_bytes"] < entries["AdamW"]["state_bytes"], task
-        assert entries["STAC plain sign"]["state_bytes"] < entries["STAC bf16 state"]["state_bytes"] \
-            < entries["STAC"]["state_bytes"], task
 
+def test_a_failing_run_is_marked_and_the_rest_goes_on(tmp_path, monkeypatch, capsys):
+    registry = optimizers.torch_registry
+    broken = optimizers.Row("torch.optim:AdamW", options={"momentum": 0.9})  # AdamW takes no momentum
+    monkeypatch.setattr(optimizers, "torch_registry", lambda: {**registry(), "Broken": broken})
+    main(["--quick", "--workers", "0", "--no-speed", "--frameworks", "torch", "--tasks", "digits_mlp",
+          "--optimizers", "Broken", "AdamW", "--out", str(tmp_path)])
+    assert re.search(r"\] torch digits_mlp +Broken .* FAILED: TypeError", capsys.readouterr().out)
+    entries = json.loads((tmp_path / "report.json").read_text())["quality"]["torch"]["digits_mlp"]["optimizers"]
+    assert entries["Broken"]["mean"] is None and "momentum" in entries["Broken"]["failures"][0]["error"]
+    assert math.isfinite(entries["AdamW"]["mean"])
+    readme = (tmp_path / "README.md").read_text()
+    assert "| torch | digits_mlp | Broken | 0.003 | 0 | TypeError:" in readme
+    assert "| Broken | - | failed | 0 / 0 / 0 |" in readme
+
+
+def test_the_speed_benchmarks_quick_section():
+    speed = run_speed(quick=True, progress=False)
     for framework, yardstick in (("torch", "AdamW fused"), ("jax", "optax.adamw")):
-        for shape, block in report["speed"][framework].items():
+        for shape, block in speed[framework].items():
             assert block["optimizers"][yardstick]["ratio_to_yardstick"] == 1.0
             for name, entry in block["optimizers"].items():
                 assert math.isfinite(entry["step_ms_median"]) and entry["step_ms_median"] > 0, (shape, name)
-    for shape, block in report["speed"]["torch"].items():
+    for shape, block in speed["torch"].items():
         assert 0 < block["floor_gb_per_s"] < 10_000 and 0 < block["read_floor_gb_per_s"] < 10_000, shape
         for name, entry in block["optimizers"].items():
             # Every update reads no more than it moves, and at least p and g.
             assert 8 * block["n_params"] <= entry["bytes_read_per_step"] <= entry["bytes_moved_per_step"], (shape, name)
             assert entry["read_floor_fraction"] > 0, (shape, name)
     # JAX compile time: the median of one compile per round.
-    for shape, block in report["speed"]["jax"].items():
+    for shape, block in speed["jax"].items():
         for name, entry in block["optimizers"].items():
-            assert len(entry["compile_s_each"]) == report["speed"]["compile_rounds"] == 2, (shape, name)
+            assert len(entry["compile_s_each"]) == speed["compile_rounds"] == 2, (shape, name)
             assert entry["compile_s"] == statistics.median(entry["compile_s_each"]) > 0, (shape, name)

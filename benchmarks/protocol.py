@@ -1,0 +1,126 @@
+"""The protocol every optimizer gets, and the statistics the report draws from its runs.
+
+Tuning: a learning-rate sweep over the optimizer's grid of 3 rates on seed 0,
+scored by final validation loss and extended by one rung of the ladder 1e-5,
+3e-5, 1e-4, ..., 0.3, 1 past an edge that wins (at most twice), so the best
+rate is never the grid's limit; then the task's seeds at the best rate. Within
+a seed every optimizer sees the same initialization, data order and batch
+schedule. The learning rate warms up linearly over the first 5% of the steps,
+then decays to zero along a cosine.
+
+Statistics: a mean over seeds carries its standard error (sample standard
+deviation / sqrt(seeds)); a gap between two means carries the standard error
+of a difference of independent means; a gap within 2 standard errors is a tie.
+"""
+
+import math
+
+LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+MAX_EXTENSIONS = 2
+WARMUP_FRACTION = 0.05
+TIE_SE = 2.0  # a gap within this many standard errors is a tie
+DISCRIMINATION_SE = 5.0  # a task discriminates when its best and worst optimizers differ by more than this
+
+
+def lr_factor(step, steps):
+    """The learning rate at ``step`` (from 0) of ``steps``, as a fraction of the peak: warmup, then cosine."""
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+
+def _score(run):
+    return run["val_loss"] if run.get("val_loss") is not None else math.inf
+
+
+def tune(grid, seeds, known_lr=None):
+    """The protocol as a generator: it yields lists of ``(lr, seed)`` runs, is sent their results (dicts with
+    ``val_loss``, ``None`` when the run diverged, or ``error`` when it failed) in the same order, and returns
+    ``(best_lr, sweep, runs)``: the sweep's ``{lr: result}`` on seed 0 and the results of every seed at the best
+    rate. With ``known_lr`` there is no sweep; when every run of the sweep fails, no seeds are run."""
+    if known_lr is not None:
+        return known_lr, {}, (yield [(known_lr, seed) for seed in range(seeds)])
+    grid = sorted(grid)
+    sweep = dict(zip(grid, (yield [(lr, 0) for lr in grid])))
+    if all("error" in run for run in sweep.values()):  # the optimizer cannot run here: no rate will help
+        return None, sweep, []
+    for _ in range(MAX_EXTENSIONS):
+        best = min(grid, key=lambda lr: _score(sweep[lr]))
+        rung = LR_LADDER.index(best)
+        if best == grid[0] and rung > 0:
+            lr = LR_LADDER[rung - 1]
+        elif best == grid[-1] and rung + 1 < len(LR_LADDER):
+            lr = LR_LADDER[rung + 1]
+        else:
+            break
+        sweep[lr] = (yield [(lr, 0)])[0]
+        grid = sorted(sweep)
+    best = min(grid, key=lambda lr: _score(sweep[lr]))
+    others = (yield [(best, seed) for seed in range(1, seeds)]) if seeds > 1 else []
+    return best, sweep, [sweep[best], *others]
+
+
+def run_serially(generator, train_one):
+    """Drive ``tune``'s generator by calling ``train_one(lr, seed)`` for every run it asks for, in order."""
+    try:
+        requests = next(generator)
+        while True:
+            requests = generator.send([train_one(lr, seed) for lr, seed in requests])
+    except StopIteration as done:
+        return done.value
+
+
+def mean_and_se(values):
+    """Mean and standard error of the finite values (SE None with fewer than 2)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def relative_gap(entry, reference):
+    """``(gap, se)``: entry's mean / reference's mean - 1 and its standard error (first order, independent means);
+    ``(None, None)`` when either has no mean, se None when either has no SE."""
+    if entry.get("mean") is None or not reference.get("mean"):
+        return None, None
+    ratio = entry["mean"] / reference["mean"]
+    if entry.get("se") is None or reference.get("se") is None:
+        return ratio - 1, None
+    return ratio - 1, math.hypot(entry["se"], ratio * reference["se"]) / reference["mean"]
+
+
+def verdict(gap, se):
+    """``"tie"`` when the gap is within ``TIE_SE`` standard errors, else ``"better"`` (lower loss) or ``"worse"``;
+    None without a standard error."""
+    if gap is None or se is None:  # one seed cannot tell a gap from noise
+        return None
+    if abs(gap) <= TIE_SE * se:
+        return "tie"
+    return "better" if gap < 0 else "worse"
+
+
+def discrimination(entries):
+    """The task's check: its best and worst optimizers (by mean, over those with a standard error) differ by more
+    than ``DISCRIMINATION_SE`` standard errors of the difference of their means."""
+    ranked = sorted((e["mean"], e["se"], name) for name, e in entries.items()
+                    if e.get("mean") is not None and e.get("se") is not None)
+    if len(ranked) < 2:
+        return None
+    (best, best_se, best_name), (worst, worst_se, worst_name) = ranked[0], ranked[-1]
+    spread = math.hypot(best_se, worst_se)
+    ratio = (worst - best) / spread if spread > 0 else math.inf
+    return {"best": best_name, "worst": worst_name, "gap": worst - best, "se": spread,
+            "standard_errors": ratio, "passes": ratio > DISCRIMINATION_SE}
+
+
+def resolution(entry):
+    """The smallest relative gap against ``entry`` a tie cannot hide, for an optimizer with the same seed spread:
+    ``TIE_SE`` standard errors of the difference of two such means, relative to the mean."""
+    if entry.get("mean") is None or entry.get("se") is None:
+        return None
+    return TIE_SE * math.sqrt(2.0) * entry["se"] / entry["mean"]

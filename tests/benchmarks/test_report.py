@@ -1,0 +1,92 @@
+"""The generated docs/benchmark/README.md and its headline table, from a report.json's contents; the plots;
+optimizer state counted from real storage."""
+
+import json
+import pathlib
+
+import torch
+
+from benchmarks import optimizers, plots, report
+from benchmarks.protocol import mean_and_se
+from benchmarks.torch_tasks import state_bytes, storage_bytes
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def entry(losses, state, suite="default"):
+    mean, se = mean_and_se(losses)
+    return {"best_lr": 0.003, "lr_source": "swept in this run", "sweep": {"0.003": losses[0] if losses else None},
+            "val_losses": losses, "mean": mean, "se": se, "seeds": len(losses),
+            "diverged": sum(v is None for v in losses), "val_accuracy_mean": None, "state_bytes": state, "run_cpu_seconds": 1.0, "suite": suite,
+            "failures": []}
+
+
+def synthetic_result():
+    task = {"steps": 400, "seeds": 3, "description": "a task", "discrimination": {
+        "best": "AdamW", "worst": "Lion", "gap": 0.5, "se": 0.01, "standard_errors": 50.0, "passes": True},
+        "optimizers": {
+            "AdamW": entry([1.00, 1.01, 0.99], 800),
+            "AdamW8bit": entry([1.00, 1.02, 1.01], 210),
+            "Adafactor": entry([1.10, 1.11, 1.12], 10),
+            "Lion": entry([1.50, 1.52, 1.51], 400),
+            "STAC": entry([1.005, 0.995, 1.0], 420),
+            "STAC last 2": entry([0.90, 0.91, 0.89], 500, suite="ablation"),
+            "STAM": entry([1.0, None, 1.0], 800),
+            "STAMLite": {**entry([], 400), "state_bytes": None, "best_lr": None, "failures": [
+                {"lr": 0.003, "seed": 0, "error": "TypeError: boom", "traceback": "..."}]},
+        }}
+    return {"date": "2026-12-02T10:00:00+00:00", "mode": "default", "elapsed_s": 600.0, "protocol": "The protocol.",
+            "machine": {"commit": "abc1234", "platform": "Linux", "cpu_count": 2, "torch": "2.13", "jax": "0.10"},
+            "quality": {"torch": {"task_a": task, "task_b": json.loads(json.dumps(task))}},
+            "speed": {"torch": {"large": {"n_params": 4_000_000, "n_tensors": 4, "yardstick": "AdamW fused",
+                                          "floor_gb_per_s": 40.0, "optimizers": {
+                                              "AdamW fused": {"step_ms_median": 10.0, "ratio_to_yardstick": 1.0,
+                                                              "floor_fraction": 0.5, "a_new_field": 3},
+                                              "STAC": {"step_ms_median": 12.0, "ratio_to_yardstick": 1.2}}}}}}
+
+
+def test_the_readme_carries_gaps_with_standard_errors_ties_failures_and_the_checks():
+    text = report.readme(synthetic_result())
+    assert "Run of 2026-12-02T10:00:00+00:00 at commit abc1234" in text
+    assert text.count("Discrimination check: best (AdamW) and worst (Lion) differ by 50.0 standard errors: passes") == 2
+    assert "| AdamW | 0.003 | this run | 1.0000 ± 0.0058 | reference |" in text
+    assert "| STAC | 0.003 | this run | 1.0000 ± 0.0029 | tie (+0.0% ± 0.6%) |" in text
+    assert "| AdamW8bit | 26% | tie (+1.0% ± 0.8%) | tie (+1.0% ± 0.8%) | 0 / 2 / 0 |" in text
+    assert "| Adafactor | 1% | +11.0% ± 0.9% | +11.0% ± 0.9% | 0 / 0 / 2 |" in text
+    assert "diverged (1 of 3 seeds)" in text
+    assert "| torch | task_a | STAMLite | 0.003 | 0 | TypeError: boom |" in text  # the failed run, marked
+    assert "## STAC ablation" in text and "### against AdamW8bit" in text
+    assert "| STAC last 2 | 62% | **−10.0% ± 0.8%** |" in text
+    assert "| AdamW fused | 10.00 | 1.00 | 50% |" in text and "a_new_field" not in text
+    assert report.headline_table(synthetic_result()) in text
+
+
+def test_the_headline_lists_the_default_suite_only():
+    table = report.headline_table(synthetic_result())
+    assert "| STAC |" in table and "STAC last 2" not in table and "| AdamW |" not in table
+
+
+def test_the_plots_are_written(tmp_path):
+    assert plots.write_all(synthetic_result(), tmp_path) == ["final_loss.png", "memory_vs_quality.png",
+                                                             "step_time.png"]
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in ("final_loss.png", "step_time.png"))
+
+
+def test_state_bytes_count_real_storage_once_and_a_quantized_state_by_its_codes_and_scales():
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    moment = OptimState8bit.zeros((128, 128), block_size=256)
+    # uint8 codes, one fp32 scale per block of 256, the 256-entry fp32 code map: not the logical fp32 size.
+    assert storage_bytes([moment]) == 128 * 128 + 64 * 4 + 256 * 4
+    plain = torch.zeros(10)
+    assert storage_bytes([plain, plain.view(2, 5), 3]) == 40
+
+    model = torch.nn.Linear(128, 128)
+    sizes = {}
+    for name in ("AdamW", "Adafactor"):
+        model(torch.randn(4, 128)).square().sum().backward()
+        optimizer = optimizers.registry("torch")[name].make(model, 1e-3)
+        optimizer.step()
+        sizes[name] = state_bytes(optimizer)
+    assert sizes["AdamW"] == 2 * 4 * (128 * 128 + 128) + 2 * 4  # two moments, two 0-d steps
+    assert sizes["Adafactor"] < 0.05 * sizes["AdamW"]
