@@ -1,9 +1,11 @@
 """The shell the library's PyTorch optimizers (STAC, STAM, STAMLite) share: range checks, the non-finite step
 policy and checkpoints. The kernels they run are in ``_kernels.py`` and ``_cpu_kernels.py``."""
 
+import operator
+
 import torch
 
-from stac_stam.torch._kernels import all_finite
+from stac_stam.torch._kernels import all_finite, dtensor_type
 
 
 def check_range(name, value, low, high=None, low_open=False, high_open=True):
@@ -60,24 +62,32 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
         or of another shape (assigned through ``.data``), dtype, device or kind than its parameter is refused
         with a RuntimeError naming the parameter. A DTensor gradient sharded otherwise than its parameter is
         redistributed to the parameter's placements."""
-        params, grads = [], []
-        for index, param in enumerate(group["params"]):
-            grad = param.grad
-            if grad is None:
-                continue
-            problem = _gradient_problem(param, grad)
-            if problem:
-                names = group.get("param_names")
-                name = names[index] if names else f"#{index} of param group {group_index}"
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name!r})")
-                raise RuntimeError(f"{type(self).__name__}: the gradient of parameter {name!r} {problem}; the step "
-                                   f"changed nothing")
-            if getattr(grad, "placements", None) != getattr(param, "placements", None):
-                grad = grad.redistribute(param.device_mesh, param.placements)
-            params.append(param)
-            grads.append(grad)
+        params = [param for param in group["params"] if param.grad is not None]
+        grads = [param.grad for param in params]
+        # Compared list against list (at C speed); a mismatch is then found and named.
+        if not set(map(operator.attrgetter("layout"), grads)) <= {torch.strided} or any(
+                list(map(get, grads)) != list(map(get, params))
+                for get in (operator.attrgetter("shape"), operator.attrgetter("dtype"), operator.attrgetter("device"),
+                            _kind)):
+            self._refuse_gradient(group, group_index)
+        dtensor = dtensor_type()
+        if dtensor is not None:
+            grads = [grad.redistribute(param.device_mesh, param.placements)
+                     if isinstance(grad, dtensor) and grad.placements != param.placements else grad
+                     for param, grad in zip(params, grads)]
         return params, grads
+
+    def _refuse_gradient(self, group, group_index):
+        for index, param in enumerate(group["params"]):
+            problem = None if param.grad is None else _gradient_problem(param, param.grad)
+            if problem is None:
+                continue
+            names = group.get("param_names")
+            name = names[index] if names else f"#{index} of param group {group_index}"
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name!r})")
+            raise RuntimeError(f"{type(self).__name__}: the gradient of parameter {name!r} {problem}; the step "
+                               f"changed nothing")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -154,6 +164,11 @@ def _gradient_problem(param, grad):
         return f"has dtype {grad.dtype}, the parameter {param.dtype}"
     if grad.device != param.device:
         return f"is on {grad.device}, the parameter on {param.device}"
-    if hasattr(grad, "placements") != hasattr(param, "placements"):
+    if _kind(grad) is not _kind(param):
         return f"is a {type(grad).__name__}, the parameter a {type(param).__name__}"
     return None
+
+
+def _kind(tensor):
+    """The tensor's class, a Parameter's counted as a Tensor's (a DTensor parameter's class is DTensor)."""
+    return torch.Tensor if type(tensor) is torch.nn.Parameter else type(tensor)

@@ -66,10 +66,13 @@ def _load():
     return _library or None
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def serves(tensor):
     """Whether the C kernels can read and write ``tensor`` through its data pointer: a contiguous plain CPU
     tensor (a subclass, such as a DTensor, reaches its memory only through torch's dispatcher)."""
-    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.is_cpu and tensor.is_contiguous()
+    return type(tensor) in _PLAIN and tensor.is_cpu and tensor.is_contiguous()
 
 
 def available():
