@@ -20,6 +20,9 @@
 #include <string.h>
 
 #define CHUNK 16384
+/* Fewer chunks than this run on the calling thread: waking threads costs more than the work (and on a busy
+   machine a parallel region may wait a whole time slice for a thread). */
+#define PARALLEL_MIN_CHUNKS 8
 
 /* One build for every x86-64 Linux CPU: the hot loops are compiled for AVX-512, AVX2 and the baseline, and
    the loader picks one (GCC/Clang function multiversioning). OpenMP outlines a parallel region into a function
@@ -95,7 +98,7 @@ int finite_read(int n, const int64_t *numels, float *const *grads, double *nonfi
     chunk_t *chunks = make_chunks(n, numels, &count);
     if (!chunks) return -1;
     uint32_t largest = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : largest)
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : largest) if (count >= PARALLEL_MIN_CHUNKS)
     for (int64_t c = 0; c < count; c++) {
         uint32_t chunk = largest_magnitude(grads[chunks[c].tensor] + chunks[c].start, chunks[c].stop - chunks[c].start);
         largest = chunk > largest ? chunk : largest;
@@ -119,7 +122,7 @@ static int moments_read(int n, const int64_t *numels, float *const *grads, void 
         free(partial);
         return -1;
     }
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (count >= PARALLEL_MIN_CHUNKS)
     for (int64_t c = 0; c < count; c++) {
         int i = chunks[c].tensor;
         const void *other = others ? (const char *)others[i] + other_size * chunks[c].start : NULL;
@@ -206,7 +209,7 @@ SNR_MOMENTS(snr_moments_bf16, bf16_t, bf16_load)
     int64_t count;                                                                                              \
     chunk_t *chunks = make_chunks(n, numels, &count);                                                           \
     if (!chunks) return -1;                                                                                     \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (count >= PARALLEL_MIN_CHUNKS)")         \
     for (int64_t j = 0; j < count; j++) {                                                                       \
         const int64_t c = count - 1 - j;                                                                        \
         const int i = chunks[c].tensor;                                                                         \

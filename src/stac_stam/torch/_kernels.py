@@ -111,7 +111,8 @@ class Read:
 
     def means(self):
         """Each tensor's two means (float64 vectors), a zero-size tensor's 0."""
-        numels = torch.tensor(self.group.numels, dtype=self.sums.dtype, device=self.sums.device).clamp_(min=1)
+        numels = torch.tensor([max(numel, 1) for numel in self.group.numels], dtype=self.sums.dtype,
+                              device=self.sums.device)
         means = self.sums / numels[:, None]
         return means[:, 0], means[:, 1]
 
