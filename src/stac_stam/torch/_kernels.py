@@ -125,7 +125,8 @@ def read_finite(group, name="grads"):
         _cpu_kernels.run("finite_read", [tensors], [nonfinite])
         return Read(group, None, nonfinite)
     # The largest |value| of each (NaN when one is NaN); an empty tensor has none, and nothing non-finite.
-    largest = torch._foreach_norm([t for t in tensors if t.numel()], ord=float("inf")) or [tensors[0].new_zeros(())]
+    nonempty = [t for t in tensors if t.numel()]
+    largest = torch._foreach_norm(nonempty, ord=float("inf")) if nonempty else [tensors[0].new_zeros(())]
     device = largest[0].device
     largest = torch.stack([number.to(device=device, dtype=wide_dtype(device)) for number in largest])
     return Read(group, None, (~largest.isfinite()).any().to(largest.dtype))

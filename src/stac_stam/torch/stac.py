@@ -67,15 +67,15 @@ def _snr_sums(grad, momentum, sign_momentum, grad_weight, bound):
 
 def snr_rule(grad_sq_sum_mean, momentum_abs_mean, *, grad_sq_mean, step, lr, sign_momentum, b2, eps, largest):
     """The "snr" scale's per-tensor numbers (float64 vectors, one value per tensor), from this step's mean(g^2)
-    and mean(|m|): the new ``grad_sq_mean`` (kept at its old value where the new one overflows the state's
-    dtype, whose largest value is ``largest``), the new ``step`` and the scaled rate ``lr * s``."""
+    and mean(|m|): the new ``grad_sq_mean`` (stored saturated at ``largest``, its dtype's largest value, where
+    it overflows that dtype; this step's scale uses the float64 value), the new ``step`` and the scaled rate
+    ``lr * s``."""
     new_step = step + 1
     new_grad_sq_mean = b2 * grad_sq_mean + (1 - b2) * grad_sq_sum_mean
     # -expm1(t log x) = 1 - x^t, the bias corrections of m and of mean(g^2)
     momentum_size = momentum_abs_mean / -torch.expm1(new_step * math.log(sign_momentum))
     rms = (new_grad_sq_mean / -torch.expm1(new_step * math.log(b2))).sqrt() + eps
-    stored = torch.where(new_grad_sq_mean <= largest, new_grad_sq_mean, grad_sq_mean)
-    return stored, new_step, lr * momentum_size / rms
+    return torch.clamp(new_grad_sq_mean, max=largest), new_step, lr * momentum_size / rms
 
 
 def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolation, sign_step_scale, snr_b2,

@@ -22,21 +22,25 @@ def _stam_lite_sums(grad):
 def stam_lite_rule(g_mean, g_sq_mean, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
                    adapt_strength, moment_decay, beta1_update_interval, eps, largest):
     """STAMLite's per-tensor numbers (float64 vectors, one value per tensor) from this step's mean(g) and
-    mean(g^2): the new state entries and the update's coefficient ``lr / ((1 - prod beta1) rms)``. New moments
-    that overflow the state's dtype (largest value ``largest``) count as non-finite: they keep their old
-    values and beta1 is b1_base, but this step's rms is the new one (in float64), so a huge gradient moves the
-    parameter by about lr, as AdamW's first step does, never by lr / eps."""
+    mean(g^2): the new state entries and the update's coefficient ``lr / ((1 - prod beta1) rms)``.
+
+    Computed in float64, where no moment of float32 gradients overflows; stored saturated at the largest value
+    of the state's dtype (``largest``). So a gradient whose square overflows float32 (1e20) moves the
+    parameter by about lr, as AdamW's first step does, never by lr / eps; and E[g^2] never falls behind a
+    momentum that grew with such gradients."""
     new_step = step + 1
     new_mean = moment_decay * grad_mean + (1 - moment_decay) * g_mean
     new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * g_sq_mean
-    finite = (new_mean.abs() <= largest) & (new_sq_mean <= largest)  # False for NaN too
+    finite = new_mean.isfinite() & new_sq_mean.isfinite()
     z = (new_sq_mean - new_mean.square()).clamp(min=0) / (new_sq_mean + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
     refresh = torch.remainder(new_step - 1, beta1_update_interval) == 0
     new_beta1 = torch.where(finite, torch.where(refresh, adapted, beta1), b1_base)
     new_beta1_product = beta1_product * new_beta1
+    new_mean = torch.where(finite, new_mean, grad_mean)
+    new_sq_mean = torch.where(finite, new_sq_mean, grad_sq_mean)
     rms = (new_sq_mean / -torch.expm1(new_step * math.log(moment_decay))).sqrt() + eps  # 1 - moment_decay^t
-    return (torch.where(finite, new_mean, grad_mean), torch.where(finite, new_sq_mean, grad_sq_mean), new_beta1,
+    return (torch.clamp(new_mean, -largest, largest), torch.clamp(new_sq_mean, max=largest), new_beta1,
             new_beta1_product, new_step, lr / ((1 - new_beta1_product) * rms))
 
 
@@ -70,8 +74,9 @@ def stam_lite_update(tensors, read, statistics, *, lr, b1_base, weight_decay, ad
         mu_t     = beta1 mu_{t-1} + (1 - beta1) g                  (stored in state_dtype)
         p       <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(E[g^2]_t / (1 - moment_decay^t)) + eps)
 
-    Non-finite moments (or too large for the state's dtype): beta1 = b1_base
-    and the moments keep their old values (see ``stam_lite_rule``). The two
+    Non-finite moments: beta1 = b1_base and the moments keep their old values;
+    moments beyond the state's dtype are stored at its largest value (see
+    ``stam_lite_rule``). The two
     means come from ``read`` (one read of g, over the whole tensor under
     FSDP2) and the per-tensor numbers are computed in float64, then stored
     into ``statistics`` (the 0-d state entries); then each tensor is one pass
