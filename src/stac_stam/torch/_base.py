@@ -93,7 +93,15 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """One step. Returns the closure's loss, if a closure is given.
 
-        All or nothing: every group's gradients are checked and read before any group changes."""
+        All or nothing: every group's gradients are checked and read before any group changes.
+
+        ``torch.compile(optimizer.step)`` traces the torch path; give ``lr`` as a 0-d tensor (as for
+        ``torch.optim``) so a scheduler's new value is no new guard. ``fullgraph=True`` is not supported: the
+        decision to skip is taken on the host (one sync), because a skipped step is counted in the Python
+        int ``nonfinite_skipped_steps`` that ``state_dict`` carries, raises with ``error_if_nonfinite``, and
+        leaves a first step's state uncreated. A device-side decision (torch's fused AdamW and its
+        ``found_inf``) would have to apply every update through ``torch.where(finite, new, old)``, keep the
+        count in a tensor and give up the error."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -205,14 +205,12 @@ class STAC(SkipNonfiniteOptimizer):
     to the cap, as Zhao et al. (ICLR 2025) find adaptivity matters there;
     ``adamw_params`` is a predicate over full parameter names for anything else.
 
-    Speed: with ``fused=True`` (the default) the trunk runs one
-    ``torch.compile``d pass per large tensor, compiled once at the first step
-    for every shape, small tensors together as one flat batch, and the cap
-    runs torch's fused AdamW kernel; the non-finite check is one read of each
-    gradient (with "snr", part of the statistics read it makes anyway).
-    ``fused=False`` runs the same trunk update op by op, tensor by tensor (no
-    compilation). Where ``torch.compile`` cannot build a kernel (no C++
-    compiler or Triton), STAC warns once and runs op by op.
+    Speed: each role is one read of every gradient (the non-finite check;
+    with "snr", the statistics read of g and m that makes it) and one update,
+    each one call over the whole group on float32 CPU tensors (the C kernels of
+    ``_kernels.py``'s "cpu" path; bf16 momentum included) and ``torch._foreach_*``
+    calls elsewhere; the cap runs torch's fused AdamW kernel. ``fused=False``
+    runs the same torch code tensor by tensor. Nothing is compiled.
 
     References: Bernstein et al., signSGD (2018); Sun et al., Momentum ensures
     convergence of SIGNSGD (ICML 2023); Loshchilov & Hutter, Decoupled weight
