@@ -113,7 +113,9 @@ def test_reads_are_float64_sums_with_the_same_bits_on_any_thread_count(kernel):
     sums = read_sums(c_group, kernel, names, torch_sums, numbers).sums
     reference = torch.tensor([[float(s) for s in expected(*ts)] for ts in zip(*[lists[n] for n in names])],
                              dtype=torch.float64)
-    torch.testing.assert_close(sums, reference, rtol=1e-12, atol=1e-9)
+    # STAMLite's and the "snr" sums add float32 blocks of 256 values in double: float32's precision.
+    tolerance = 1e-12 if kernel == "stam_moments" else 1e-6
+    torch.testing.assert_close(sums, reference, rtol=tolerance, atol=1e-9 if kernel == "stam_moments" else 1e-4)
     torch.testing.assert_close(read_sums(torch_group, kernel, names, torch_sums, numbers).sums, reference,
                                rtol=1e-12, atol=1e-9)
     threads = torch.get_num_threads()
@@ -128,8 +130,10 @@ def test_reads_are_float64_sums_with_the_same_bits_on_any_thread_count(kernel):
 def test_a_read_is_finite_exactly_when_every_value_is(path):
     huge = torch.full((40000,), BIG)  # finite; its float32 sum and square overflow
     group = GroupTensors(path, dict(grads=[huge, -huge]))
-    assert not read_finite(group).nonfinite and not read_sums(group, "stam_lite_moments", ["grads"],
-                                                               stam_lite._stam_lite_sums).nonfinite
+    assert not read_finite(group).nonfinite
+    read = read_sums(group, "stam_lite_moments", ["grads"], stam_lite._stam_lite_sums)
+    assert not read.nonfinite
+    torch.testing.assert_close(read.means()[1], torch.full((2,), BIG * BIG, dtype=torch.float64), rtol=1e-12, atol=0)
     for bad in (float("nan"), float("inf"), float("-inf")):
         grad = torch.ones(40000)
         grad[-1] = bad

@@ -7,9 +7,9 @@
    Work is cut into chunks of CHUNK elements over all tensors and shared among `threads` OpenMP threads, so a
    model of hundreds of small tensors costs one call, not hundreds.
 
-   Reads change nothing. A statistics read sums two numbers per tensor in double, chunk by chunk in a fixed
-   order: the same bits on any thread count; a sum in double of float32 values (or their squares) cannot
-   overflow, so it is finite exactly when every value read is. The updates repeat, operation for operation,
+   Reads change nothing. A statistics read sums two numbers per tensor, chunk by chunk in a fixed order: the
+   same bits on any thread count. Its totals are in double, where no sum of float32 values (or of their
+   squares) overflows, so a read is finite exactly when every value it read is. The updates repeat, operation for operation,
    the float32 arithmetic of the torch code in stac.py, stam.py and stam_lite.py (built with
    -ffp-contract=off, so no fused multiply-add changes a rounding); a bfloat16 value is read exactly and
    stored rounded to nearest even, as torch's .to(torch.bfloat16) rounds. Updates walk the chunks last to
@@ -138,15 +138,31 @@ static int moments_read(int n, const int64_t *numels, float *const *grads, void 
     return 0;
 }
 
-/* STAMLite: sum(g), sum(g^2). */
+/* STAMLite: sum(g), sum(g^2). Blocks of BLOCK values are summed in float32 (no conversion per value, half the
+   vector work), their sums added in double; a block whose float32 sum of squares overflows (|g| > ~1e18) or
+   meets a NaN/Inf is summed again in double, so the result is finite exactly when every value is. */
+#define BLOCK 256
 CLONES static void stam_lite_chunk_moments(const float *g, const void *unused, int64_t count, const float *numbers,
                                            double *out) {
     double sum = 0.0, sum_sq = 0.0;
-#pragma omp simd reduction(+ : sum, sum_sq)
-    for (int64_t k = 0; k < count; k++) {
-        double value = g[k];
-        sum += value;
-        sum_sq += value * value;
+    for (int64_t start = 0; start < count; start += BLOCK) {
+        const int64_t stop = start + BLOCK < count ? start + BLOCK : count;
+        float block_sum = 0.0f, block_sq = 0.0f;
+#pragma omp simd reduction(+ : block_sum, block_sq)
+        for (int64_t k = start; k < stop; k++) {
+            block_sum += g[k];
+            block_sq += g[k] * g[k];
+        }
+        if (block_sq - block_sq == 0.0f) {  /* finite */
+            sum += block_sum;
+            sum_sq += block_sq;
+            continue;
+        }
+        for (int64_t k = start; k < stop; k++) {
+            double value = g[k];
+            sum += value;
+            sum_sq += value * value;
+        }
     }
     out[0] = sum;
     out[1] = sum_sq;
@@ -176,18 +192,33 @@ int stam_moments(int n, const int64_t *numels, float *const *grads, float *const
 }
 
 /* STAC's "snr" scale, with numbers = (beta, grad_weight, bound): sum(g^2) and sum(|m'|), m' the momentum the
-   update will store, saturate(beta m + grad_weight g), in float32 as the update computes it. */
+   update will store, saturate(beta m + grad_weight g), in float32 as the update computes it; in float32 blocks
+   as STAMLite's sums, a block whose sum of squares overflows summed again in double. */
 #define SNR_MOMENTS(NAME, STATE_T, LOAD)                                                                        \
     CLONES static void NAME##_chunk(const float *g, const void *momenta, int64_t count, const float *numbers,   \
                                     double *out) {                                                              \
         const STATE_T *m = momenta;                                                                             \
         const float beta = numbers[0], grad_weight = numbers[1], bound = numbers[2];                            \
         double sum_sq = 0.0, sum_abs = 0.0;                                                                     \
-        _Pragma("omp simd reduction(+ : sum_sq, sum_abs)")                                                      \
-        for (int64_t k = 0; k < count; k++) {                                                                   \
-            float new_m = saturate(beta * LOAD(m[k]) + grad_weight * g[k], bound);                              \
-            sum_sq += (double)g[k] * (double)g[k];                                                              \
-            sum_abs += new_m < 0 ? -(double)new_m : (double)new_m;                                              \
+        for (int64_t start = 0; start < count; start += BLOCK) {                                                \
+            const int64_t stop = start + BLOCK < count ? start + BLOCK : count;                                 \
+            float block_sq = 0.0f, block_abs = 0.0f;                                                            \
+            _Pragma("omp simd reduction(+ : block_sq, block_abs)")                                              \
+            for (int64_t k = start; k < stop; k++) {                                                            \
+                float new_m = saturate(beta * LOAD(m[k]) + grad_weight * g[k], bound);                          \
+                block_sq += g[k] * g[k];                                                                        \
+                block_abs += new_m < 0 ? -new_m : new_m;                                                        \
+            }                                                                                                   \
+            if (block_sq - block_sq == 0.0f && block_abs - block_abs == 0.0f) {                                 \
+                sum_sq += block_sq;                                                                             \
+                sum_abs += block_abs;                                                                           \
+                continue;                                                                                       \
+            }                                                                                                   \
+            for (int64_t k = start; k < stop; k++) {                                                            \
+                float new_m = saturate(beta * LOAD(m[k]) + grad_weight * g[k], bound);                          \
+                sum_sq += (double)g[k] * (double)g[k];                                                          \
+                sum_abs += new_m < 0 ? -(double)new_m : (double)new_m;                                          \
+            }                                                                                                   \
         }                                                                                                       \
         out[0] = sum_sq;                                                                                        \
         out[1] = sum_abs;                                                                                       \
