@@ -57,7 +57,9 @@ def _load():
     global _library
     if _library is None:
         try:
-            packaged = next((path for path in _PACKAGED if path.exists()), None)
+            # A packaged library older than the source (an editable install whose C file was edited) is stale.
+            packaged = next((path for path in _PACKAGED
+                             if path.exists() and path.stat().st_mtime >= _SOURCE.stat().st_mtime), None)
             _library = ctypes.CDLL(str(packaged or _build()))
         except OSError as error:
             warnings.warn(f"stac-stam cannot build its CPU kernels ({error}); its optimizers run their torch "
