@@ -62,7 +62,7 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
     for name, entry in report["speed"]["torch_first_step"].items():
         assert entry["cold_s"] > 0 and entry["warm_s"] > 0 and entry["median_step_s"] > 0, name
         assert entry["kernels"] in ("packaged", "built", "none"), name
-    assert {"AdamW fused", "STAC"} <= set(report["speed"]["torch_first_step"])
+    assert "STAC" in report["speed"]["torch_first_step"]
     fsdp2 = report["speed"]["torch_fsdp2"]
     assert fsdp2["world_size"] == 2 and fsdp2["optimizers"]["AdamW"]["ratio_to_yardstick"] == 1.0
     for name in ("STAC", "STAC recommended", "STAM", "STAMLite"):

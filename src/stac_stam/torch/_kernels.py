@@ -270,10 +270,10 @@ def saturate_(tensors, bound):
 
 
 def sqrt_(tensors):
-    """Square roots in place, each rounded once, as the C kernels' ``sqrtf``: torch's vectorized float32
-    ``sqrt`` on the CPU is off by an ulp for ~0.7% of values (torch 2.13, AVX-512). A float32 value's square
-    root taken in float64 rounds to the correct float32 one."""
-    if tensors[0].dtype == torch.float32:
+    """Square roots in place, each rounded once on the CPU, as the C kernels' ``sqrtf``: torch's vectorized
+    float32 ``sqrt`` there is off by an ulp for ~0.7% of values (torch 2.13, AVX-512). A float32 value's
+    square root taken in float64 rounds to the correct float32 one."""
+    if tensors[0].dtype == torch.float32 and tensors[0].is_cpu:
         torch._foreach_copy_(tensors, torch._foreach_sqrt([t.double() for t in tensors]))
     else:
         torch._foreach_sqrt_(tensors)
