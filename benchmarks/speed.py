@@ -157,7 +157,7 @@ def _stac_bytes(optimizer):
         n = sum(p.numel() for p in group["params"])
         if group["role"] == "adamw":
             moved, read, read_pass = moved + 28 * n, read + 16 * n, read_pass + 4 * n
-        elif group["sign_momentum"] == 0.0:
+        elif group["betas"][0] == 0.0:  # the trunk's momentum
             moved, read, read_pass = moved + 12 * n, read + 8 * n, read_pass + 4 * n
         else:
             momentum_bytes = 2 if optimizer.sign_state_dtype is not None else 4

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from stac_stam.partition import partition_trainable_layers
+from stac_stam.partition import partition_trainable_layers, same_parameter_names, without_wrapper_prefixes
 from stac_stam.torch import STAC
 
 
@@ -94,6 +94,68 @@ def test_partition_table_lists_layers_roles_counts_and_state_bytes():
     assert lines[0].split() == ["layer", "role", "params", "state", "bytes"]
     assert lines[1].split() == ["0", "sign", "16", "64"]
     assert lines[3].split() == ["4", "adamw", "10", "80"]
+
+
+@pytest.mark.parametrize("options, dtype, sign_bytes", [
+    (dict(), torch.float32, 64), (dict(sign_state_dtype=torch.bfloat16), torch.float32, 32),
+    (dict(sign_momentum=0.0), torch.float32, 0), (dict(), torch.float64, 128),
+    (dict(sign_state_dtype="float32"), torch.bfloat16, 64),
+])
+def test_partition_table_counts_the_trunk_momentum_in_the_dtype_it_is_stored_in(options, dtype, sign_bytes):
+    model = mlp().to(dtype)
+    optimizer = STAC(model, last_n_layers=1, fused=False, **options)  # op by op: no kernel to compile
+    lines = optimizer.partition.table().splitlines()
+    assert lines[1].split() == ["0", "sign", "16", str(sign_bytes)]
+    model(torch.randn(2, 3, dtype=dtype)).sum().backward()
+    optimizer.step()
+    stored = sum(state["momentum_buffer"].nbytes for state in optimizer.state.values() if "momentum_buffer" in state)
+    assert stored == sum(int(line.split()[3]) for line in lines[1:] if line.split()[1] == "sign")
+    assert partition_trainable_layers(model).table(sign_state_bytes_per_element=1).splitlines()[1].split()[3] == "16"
+
+
+class DistributedDataParallel(nn.Module):  # torch's wrappers are known by class name (this module imports no torch)
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+class CheckpointWrapper(nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self._checkpoint_wrapped_module = module
+
+
+def test_layer_and_parameter_names_leave_out_the_attributes_wrappers_hold_the_model_under():
+    bare = partition_trainable_layers(mlp(), 1)
+    inner = mlp()
+    inner[2] = CheckpointWrapper(inner[2])
+    for model in (DistributedDataParallel(mlp()), torch.compile(mlp()), DistributedDataParallel(torch.compile(mlp())),
+                  inner):
+        partition = partition_trainable_layers(model, 1, adamw_params=lambda name: name == "2.bias")
+        assert partition.sign_layer_names == bare.sign_layer_names
+        assert partition.sign_parameter_names == ("0.weight", "0.bias", "2.weight")
+        assert partition.adamw_parameter_names == ("2.bias", "4.weight", "4.bias")
+
+
+def test_a_module_that_merely_has_an_attribute_named_module_keeps_it():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+
+    assert partition_trainable_layers(Block(), 0).sign_parameter_names == ("module.weight", "module.bias")
+
+
+@pytest.mark.parametrize("saved, current, same", [
+    (["module.0.weight"], ["0.weight"], True), (["_orig_mod.0.weight"], ["0.weight"], True),
+    (["module._orig_mod.blocks.1._checkpoint_wrapped_module.weight"], ["blocks.1.weight"], True),
+    (["_fsdp_wrapped_module.0.weight"], ["0.weight"], True), (["module.weight"], ["module.weight"], True),
+    (["0.weight"], ["1.weight"], False), (["module.0.weight", "0.bias"], ["0.weight"], False),
+    (["<root>"], ["<root>"], True),
+])
+def test_saved_names_match_whatever_wrappers_the_saving_model_was_in(saved, current, same):
+    assert same_parameter_names(saved, current) is same
+    assert without_wrapper_prefixes("module") == "module"
 
 
 def test_bad_partition_input_is_rejected_clearly():

@@ -16,7 +16,12 @@ Where the layers come from:
 
 - PyTorch (``module_layers``): ``model.named_modules()`` in registration
   order; a layer is a module with parameters of its own
-  (``named_parameters(recurse=False)``), named by its module path; it is a
+  (``named_parameters(recurse=False)``), named by its module path without the
+  attributes wrappers hold the model under (DDP's ``module``,
+  ``torch.compile``'s ``_orig_mod``, FSDP's ``_fsdp_wrapped_module``,
+  activation checkpointing's ``_checkpoint_wrapped_module``), as
+  ``torch.distributed.checkpoint`` names parameters: a bare, a DDP-wrapped and
+  a compiled model have the same layer names; it is a
   normalization layer when its class or a base class has ``Norm`` in its name
   (``LayerNorm``, ``BatchNorm1d``, ``GroupNorm``, ``RMSNorm``, Hugging Face's
   ``LlamaRMSNorm``).
@@ -30,6 +35,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 ROOT_LAYER_NAME = "<root>"
+# Modules that hold the model they wrap under one attribute, by class name, and that attribute: it is no part of
+# a parameter's name. (FSDP2's fully_shard keeps the module tree and its names.)
+WRAPPED_ATTRIBUTE = {"DistributedDataParallel": "module", "DataParallel": "module", "OptimizedModule": "_orig_mod",
+                     "FullyShardedDataParallel": "_fsdp_wrapped_module",
+                     "CheckpointWrapper": "_checkpoint_wrapped_module", "OffloadWrapper": "_checkpoint_wrapped_module"}
+# Names of saved checkpoints carry the wrappers' attributes as text: these anywhere, "module" at the front.
+_PRIVATE_WRAPPED_ATTRIBUTES = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 # A pytree layer whose own key matches is a normalization layer (flax: LayerNorm_0, BatchNorm_1, RMSNorm, ln_f).
 NORM_LAYER_NAME = re.compile(r"(norm|^ln(_|\d|$))", re.IGNORECASE)
 
@@ -54,6 +66,7 @@ class STACPartition:
 
     sign_layers: tuple
     adamw_layers: tuple
+    sign_state_bytes_per_element: int | None = None  # None: the parameter's element size (see table())
 
     @property
     def sign_layer_names(self):
@@ -83,20 +96,26 @@ class STACPartition:
     def adamw_parameters(self):
         return [p for layer in self.adamw_layers for p in layer.parameters]
 
-    def table(self, sign_state_bytes_per_element=4):
+    def table(self, sign_state_bytes_per_element=None):
         """A text table: layer, role, parameter count, optimizer-state bytes.
 
-        AdamW keeps two fp32-sized moments per element (``2 * element_size``);
-        the trunk keeps one momentum of ``sign_state_bytes_per_element`` (0 for
-        plain signSGD).
+        AdamW keeps two moments per element in the parameter's dtype
+        (``2 * element_size``); the trunk keeps one momentum of
+        ``sign_state_bytes_per_element`` bytes per element (default: the
+        partition's ``sign_state_bytes_per_element``, which STAC sets from its
+        ``sign_state_dtype``, 0 for plain signSGD; None: the parameter's
+        element size).
         """
+        if sign_state_bytes_per_element is None:
+            sign_state_bytes_per_element = self.sign_state_bytes_per_element
         rows = [("layer", "role", "params", "state bytes")]
         for role, layers in (("sign", self.sign_layers), ("adamw", self.adamw_layers)):
             for layer in layers:
                 if role == "adamw":
                     state_bytes = sum(2 * p.numel() * p.element_size() for p in layer.parameters)
                 else:
-                    state_bytes = layer.numel * sign_state_bytes_per_element
+                    state_bytes = sum(p.numel() * (p.element_size() if sign_state_bytes_per_element is None
+                                                   else sign_state_bytes_per_element) for p in layer.parameters)
                 rows.append((layer.name, role, str(layer.numel), str(state_bytes)))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         return "\n".join(
@@ -109,13 +128,45 @@ def _is_norm_module(module):
     return any("Norm" in cls.__name__ for cls in type(module).__mro__)
 
 
+def _wrapped_attribute(module):
+    return next((WRAPPED_ATTRIBUTE[cls.__name__] for cls in type(module).__mro__ if cls.__name__ in WRAPPED_ATTRIBUTE),
+                None)
+
+
+def module_paths(model):
+    """Each module of ``model.named_modules()`` with its path without the wrappers' attributes (see the module
+    docstring), in order."""
+    modules, names = {}, {}
+    for path, module in model.named_modules():
+        parent_path, _, attribute = path.rpartition(".")
+        if path:  # a module comes after its parent, under its first path
+            parent = modules[parent_path]
+            inner = attribute == _wrapped_attribute(parent)
+            names[path] = names[parent_path] if inner else ".".join(filter(None, (names[parent_path], attribute)))
+        else:
+            names[path] = ""
+        modules[path] = module
+        yield names[path], module
+
+
+def without_wrapper_prefixes(name):
+    """A saved parameter name without the wrappers' attributes: ``module._orig_mod.0.weight`` -> ``0.weight``."""
+    parts = [part for part in name.split(".") if part not in _PRIVATE_WRAPPED_ATTRIBUTES]
+    return ".".join(parts[1:] if parts[:1] == ["module"] and len(parts) > 1 else parts)
+
+
+def same_parameter_names(saved, current):
+    """Whether two lists of parameter names name the same parameters, whatever wrappers the model was in."""
+    return list(map(without_wrapper_prefixes, saved)) == list(map(without_wrapper_prefixes, current))
+
+
 def module_layers(model):
     """The trainable layers of a PyTorch ``model`` in registration order (see the module docstring)."""
     if not callable(getattr(model, "named_modules", None)):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     seen = set()
     layers = []
-    for module_name, module in model.named_modules():
+    for module_name, module in module_paths(model):
         names, params = [], []
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:

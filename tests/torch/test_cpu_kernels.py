@@ -211,3 +211,13 @@ def test_without_a_library_the_torch_code_runs_after_one_warning(monkeypatch, tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second time: no warning
         assert GroupTensors(True, lists).path == "foreach"
+
+
+@pytest.mark.parametrize("scale", [1e-22, 1e17, 0.0])
+def test_the_float32_blocks_of_a_read_fall_back_to_float64_where_squares_leave_float32s_normal_range(scale):
+    # Squares of 1e-22 are far below float32's smallest normal (1.2e-38): in float32 they lose their digits.
+    grads = [scale * torch.randn(40000, generator=torch.Generator().manual_seed(0))]
+    sums = read_sums(GroupTensors(True, dict(grads=grads)), "stam_lite_moments", ["grads"],
+                     stam_lite._stam_lite_sums).sums[0]
+    g = grads[0].double()
+    torch.testing.assert_close(sums, torch.stack([g.sum(), g.square().sum()]), rtol=1e-6, atol=0)

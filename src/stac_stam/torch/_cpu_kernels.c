@@ -9,11 +9,12 @@
 
    Reads change nothing. A statistics read sums two numbers per tensor, chunk by chunk in a fixed order: the
    same bits on any thread count. Its totals are in double, where no sum of float32 values (or of their
-   squares) overflows, so a read is finite exactly when every value it read is. The updates repeat, operation for operation,
-   the float32 arithmetic of the torch code in stac.py, stam.py and stam_lite.py (built with
-   -ffp-contract=off, so no fused multiply-add changes a rounding); a bfloat16 value is read exactly and
-   stored rounded to nearest even, as torch's .to(torch.bfloat16) rounds. Updates walk the chunks last to
-   first: the group's read walked them first to last, so the update starts on what is still in cache. */
+   squares) overflows, so a read is finite exactly when every value it read is. The updates repeat,
+   operation for operation, the float32 arithmetic of the torch code in stac.py, stam.py and stam_lite.py
+   (built with -ffp-contract=off, so no fused multiply-add changes a rounding); a bfloat16 value is read
+   exactly and stored rounded to nearest even, as torch's .to(torch.bfloat16) rounds. Updates walk the
+   chunks last to first: the group's read walked them first to last, so the update starts on what is still
+   in cache. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -98,7 +99,8 @@ int finite_read(int n, const int64_t *numels, float *const *grads, double *nonfi
     chunk_t *chunks = make_chunks(n, numels, &count);
     if (!chunks) return -1;
     uint32_t largest = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : largest) if (count >= PARALLEL_MIN_CHUNKS)
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : largest) \
+    if (count >= PARALLEL_MIN_CHUNKS)
     for (int64_t c = 0; c < count; c++) {
         uint32_t chunk = largest_magnitude(grads[chunks[c].tensor] + chunks[c].start, chunks[c].stop - chunks[c].start);
         largest = chunk > largest ? chunk : largest;
@@ -139,9 +141,12 @@ static int moments_read(int n, const int64_t *numels, float *const *grads, void 
 }
 
 /* STAMLite: sum(g), sum(g^2). Blocks of BLOCK values are summed in float32 (no conversion per value, half the
-   vector work), their sums added in double; a block whose float32 sum of squares overflows (|g| > ~1e18) or
-   meets a NaN/Inf is summed again in double, so the result is finite exactly when every value is. */
+   vector work), their sums added in double. A block whose float32 sum of squares is not a normal number well
+   inside float32's range is summed again in double: one that overflows (|g| > ~1e18) or meets a NaN/Inf, so
+   the result is finite exactly when every value is, and one of tiny values (|g| < ~1e-16), whose float32
+   squares would lose their digits below float32's smallest normal (or all-zero). */
 #define BLOCK 256
+#define FLOAT_BLOCK_OK(sum_sq) ((sum_sq) >= 1e-30f && (sum_sq) - (sum_sq) == 0.0f)
 CLONES static void stam_lite_chunk_moments(const float *g, const void *unused, int64_t count, const float *numbers,
                                            double *out) {
     double sum = 0.0, sum_sq = 0.0;
@@ -153,7 +158,7 @@ CLONES static void stam_lite_chunk_moments(const float *g, const void *unused, i
             block_sum += g[k];
             block_sq += g[k] * g[k];
         }
-        if (block_sq - block_sq == 0.0f) {  /* finite */
+        if (FLOAT_BLOCK_OK(block_sq)) {
             sum += block_sum;
             sum_sq += block_sq;
             continue;
@@ -193,7 +198,7 @@ int stam_moments(int n, const int64_t *numels, float *const *grads, float *const
 
 /* STAC's "snr" scale, with numbers = (beta, grad_weight, bound): sum(g^2) and sum(|m'|), m' the momentum the
    update will store, saturate(beta m + grad_weight g), in float32 as the update computes it; in float32 blocks
-   as STAMLite's sums, a block whose sum of squares overflows summed again in double. */
+   as STAMLite's sums, a block whose float32 sum of squares would lose digits summed again in double. */
 #define SNR_MOMENTS(NAME, STATE_T, LOAD)                                                                        \
     CLONES static void NAME##_chunk(const float *g, const void *momenta, int64_t count, const float *numbers,   \
                                     double *out) {                                                              \
@@ -209,7 +214,7 @@ int stam_moments(int n, const int64_t *numels, float *const *grads, float *const
                 block_sq += g[k] * g[k];                                                                        \
                 block_abs += new_m < 0 ? -new_m : new_m;                                                        \
             }                                                                                                   \
-            if (block_sq - block_sq == 0.0f && block_abs - block_abs == 0.0f) {                                 \
+            if (FLOAT_BLOCK_OK(block_sq) && block_abs - block_abs == 0.0f) {                                    \
                 sum_sq += block_sq;                                                                             \
                 sum_abs += block_abs;                                                                           \
                 continue;                                                                                       \

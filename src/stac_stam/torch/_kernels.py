@@ -279,5 +279,22 @@ def sqrt_(tensors):
         torch._foreach_sqrt_(tensors)
 
 
+def traced_number(value):
+    """A param group's number (one a scheduler may cycle: OneCycleLR's betas[0]) as a 0-d float64 tensor inside a
+    ``torch.compile`` trace, else as it is. Traced as a Python float it would be specialized: a guard and a new
+    compile for every value, and (torch 2.13, Inductor) a stale value in ``torch.where``."""
+    if torch.compiler.is_compiling() and not torch.is_tensor(value):
+        return torch.zeros((), dtype=torch.float64) + value
+    return value
+
+
+def one_minus_power(base, exponent):
+    """``1 - base ** exponent`` (a bias correction), exact for ``base`` near 1, ``exponent`` a float64 vector.
+    ``base`` (a number from the param group, which a scheduler may cycle) enters as a tensor: Python math on it
+    would make a compiled step guard on its value and compile again for every new one."""
+    base = exponent.new_zeros(()) + base  # (torch.as_tensor(base) would guard on it too)
+    return -torch.expm1(exponent * torch.log(base))
+
+
 def largest_finite(dtype):
     return torch.finfo(dtype).max

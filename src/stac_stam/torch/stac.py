@@ -1,16 +1,19 @@
 """STAC for PyTorch: a SignSGD trunk and an AdamW cap."""
 
-import math
+import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch.optim.adamw import adamw as adamw_functional
 
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
-from stac_stam.partition import partition_trainable_layers
-from stac_stam.torch._base import SkipNonfiniteOptimizer, check_range
+from stac_stam.partition import partition_trainable_layers, same_parameter_names
+from stac_stam.torch._base import (SkipNonfiniteOptimizer, check_flag, check_names, check_pair, check_range,
+                                   require_keys, resolve_state_dtype)
 from stac_stam.torch._cpu_kernels import statistics_table
-from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, largest_finite, read_finite,
-                                      read_sums, saturate_, update, wide_dtype, widened, write_back)
+from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, largest_finite,
+                                      one_minus_power, read_finite, read_sums, saturate_, traced_number, update,
+                                      wide_dtype, widened, write_back)
 
 # Seed 000's argument names and the current names they stand for.
 ALIASES = {
@@ -72,9 +75,8 @@ def snr_rule(grad_sq_sum_mean, momentum_abs_mean, *, grad_sq_mean, step, lr, sig
     ``lr * s``."""
     new_step = step + 1
     new_grad_sq_mean = b2 * grad_sq_mean + (1 - b2) * grad_sq_sum_mean
-    # -expm1(t log x) = 1 - x^t, the bias corrections of m and of mean(g^2)
-    momentum_size = momentum_abs_mean / -torch.expm1(new_step * math.log(sign_momentum))
-    rms = (new_grad_sq_mean / -torch.expm1(new_step * math.log(b2))).sqrt() + eps
+    momentum_size = momentum_abs_mean / one_minus_power(sign_momentum, new_step)  # the bias corrections
+    rms = (new_grad_sq_mean / one_minus_power(b2, new_step)).sqrt() + eps
     return torch.clamp(new_grad_sq_mean, max=largest), new_step, lr * momentum_size / rms
 
 
@@ -108,7 +110,7 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
     """
     grad_sign = -1.0 if maximize else 1.0
     decay = 1 - lr * weight_decay
-    if sign_momentum == 0.0:  # sign(-g) = -sign(g): maximizing flips the step
+    if "momenta" not in tensors.lists:  # sign_momentum == 0; sign(-g) = -sign(g): maximizing flips the step
         update(tensors, "plain_sign_step", _sign_step, ["params", "grads"],
                numbers=dict(lr=grad_sign * lr, decay=decay))
         return
@@ -143,18 +145,48 @@ def _resolve_alias(given, current_name, current_value):
     return current_value
 
 
-def _resolve_dtype(sign_state_dtype):
-    if sign_state_dtype is None:
-        return None
-    if isinstance(sign_state_dtype, str):
-        name = sign_state_dtype.removeprefix("torch.")
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"sign_state_dtype must be a floating torch dtype or its name, got {sign_state_dtype!r}")
-        sign_state_dtype = dtype
-    if not isinstance(sign_state_dtype, torch.dtype) or not sign_state_dtype.is_floating_point:
-        raise ValueError(f"sign_state_dtype must be a floating torch dtype or its name, got {sign_state_dtype!r}")
-    return sign_state_dtype
+# Each role's param group entries besides ``params``.
+GROUP_KEYS = {
+    "sign": ("role", "stac_role", "lr", "betas", "sign_interpolation", "sign_step_scale", "snr_eps", "weight_decay",
+             "maximize", "layer_names", "param_names"),
+    "adamw": ("role", "stac_role", "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "layer_names",
+              "param_names"),
+}
+
+
+def _from_stac_optimizer_0_1_5(state_dict):
+    """A checkpoint of stac-optimizer 0.1.5 (seed 001) in this STAC's form; other checkpoints as they are.
+
+    0.1.5 keeps the role in ``stac_role`` (none in ``role``), every hyperparameter of both roles in each group
+    (the trunk's momentum in ``sign_momentum``, the cap's ``betas``), and the trunk's momentum in the state key
+    ``sign_momentum_buffer``. Its ``sign_state_dtype``, ``sign_weight_decay``, ``adamw_weight_decay`` and
+    ``error_if_nonfinite`` group entries are dropped: this STAC keeps the momentum in its own
+    ``sign_state_dtype``, each group's ``weight_decay`` is the one its role steps with, and
+    ``error_if_nonfinite`` is the optimizer's."""
+    groups = state_dict["param_groups"]
+    if not any(isinstance(group, Mapping) and "stac_role" in group and "role" not in group for group in groups):
+        return state_dict
+    converted, trunk_ids = [], set()
+    for saved in groups:
+        role = saved.get("stac_role")
+        group = {key: saved[key] for key in GROUP_KEYS.get(role, ()) + ("params",) if key in saved}
+        group["role"] = group["stac_role"] = role
+        if role == "sign":
+            trunk_ids.update(saved.get("params", ()))
+            group.update(sign_interpolation=None, sign_step_scale=None)
+            if "eps" in saved:
+                group["snr_eps"] = saved["eps"]
+            betas = saved.get("betas")
+            if "sign_momentum" in saved and isinstance(betas, (tuple, list)) and len(betas) == 2:
+                group["betas"] = (saved["sign_momentum"], betas[1])
+        converted.append(group)
+    state = {}
+    for saved_id, saved_state in state_dict["state"].items():
+        if saved_id in trunk_ids and isinstance(saved_state, Mapping):
+            saved_state = {"momentum_buffer" if key == "sign_momentum_buffer" else key: value
+                           for key, value in saved_state.items()}
+        state[saved_id] = saved_state
+    return dict(state_dict, param_groups=converted, state=state)
 
 
 class STAC(SkipNonfiniteOptimizer):
@@ -173,7 +205,8 @@ class STAC(SkipNonfiniteOptimizer):
     ============================  ===================================================
     symbol                        argument
     ============================  ===================================================
-    beta                          ``sign_momentum`` (0: plain signSGD, no state)
+    beta                          ``sign_momentum`` (0: plain signSGD, no state;
+                                  the trunk group's ``betas[0]``)
     sign of alpha m + (1-alpha) g ``sign_interpolation`` alpha (default: the new m)
     step scale s                  ``sign_step_scale`` (None: 1; "snr": per tensor,
                                   mean|m_hat| / (sqrt(v_hat) + eps), v with betas[1])
@@ -181,7 +214,7 @@ class STAC(SkipNonfiniteOptimizer):
     lr_s                          ``sign_lr`` (default ``0.75 * lr`` when there is a
                                   cap, ``lr`` when every layer is in the trunk)
     wd_s / wd_a                   ``sign_weight_decay`` / ``adamw_weight_decay``
-                                  (default ``weight_decay``)
+                                  (default ``weight_decay``, 0.0 as in stac-optimizer 0.1.5)
     storage dtype of m            ``sign_state_dtype`` (default: the parameter's)
     ============================  ===================================================
 
@@ -189,12 +222,26 @@ class STAC(SkipNonfiniteOptimizer):
     ``trunk_weight_decay``, ``cap_weight_decay``; giving one with a different
     value from its current name is a ValueError.
 
-    Each role is one param group (``group["role"]`` is ``"sign"`` or
-    ``"adamw"``) with its own ``lr``, so ``torch.optim.lr_scheduler`` schedulers
-    drive both. Optimizer state: the trunk keeps ``momentum_buffer`` per
+    Each role is one param group (``group["role"]``, and as in stac-optimizer
+    0.1.5 ``group["stac_role"]``, is ``"sign"`` or ``"adamw"``) with its own
+    ``lr`` and ``betas``, so ``torch.optim.lr_scheduler`` schedulers drive both:
+    the cap's ``betas`` are AdamW's, the trunk's are ``(sign_momentum, b2)``,
+    b2 being ``betas[1]``, the decay of the "snr" scale's v. A scheduler that
+    cycles momentum (``OneCycleLR``, ``CyclicLR``) cycles the cap's beta1 and the
+    trunk's momentum (a plain-signSGD trunk then gains momentum, as
+    ``torch.optim.SGD`` does). ``lr`` may be a 0-d tensor, as in torch.optim.
+    Optimizer state: the trunk keeps ``momentum_buffer`` per
     parameter (and, with "snr", the 0-d ``grad_sq_mean`` and ``step``); the
     cap keeps ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``
     with amsgrad), as ``torch.optim.AdamW`` does.
+
+    Checkpoints: ``load_state_dict`` refuses (changing nothing) a checkpoint of
+    another model (roles, layer and parameter names, state shapes), of another
+    optimizer, or with a value the constructor would refuse; names ignore
+    wrapper prefixes (``module.``, ``_orig_mod.``), so a checkpoint moves
+    between a bare, a DDP-wrapped and a compiled model. It loads stac-optimizer
+    0.1.5's checkpoints (the trunk's momentum in this STAC's
+    ``sign_state_dtype``).
 
     A step whose dense gradients hold a NaN or an Inf changes nothing and is
     counted in ``nonfinite_skipped_steps``; with ``error_if_nonfinite=True`` it
@@ -226,9 +273,11 @@ class STAC(SkipNonfiniteOptimizer):
         print(optimizer.partition.table())
     """
 
+    _settings = SkipNonfiniteOptimizer._settings + ("sign_state_dtype", "partition", "_groups_built")
+
     def __init__(self, model, *, lr=1e-3, last_n_layers=1, sign_momentum=None, sign_interpolation=None,
                  sign_step_scale=None, sign_state_dtype=None,
-                 betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, sign_weight_decay=None,
+                 betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sign_weight_decay=None,
                  adamw_weight_decay=None, sign_lr=None, adamw_lr=None, amsgrad=False, maximize=False,
                  error_if_nonfinite=False, adamw_norm_layers=False, adamw_params=None, fused=True,
                  trunk_momentum=None, trunk_lr=None, cap_lr=None, trunk_weight_decay=None,
@@ -245,54 +294,52 @@ class STAC(SkipNonfiniteOptimizer):
         if sign_momentum is None:
             sign_momentum = 0.9
 
-        check_range("lr", lr, 0.0)
-        check_range("sign_momentum", sign_momentum, 0.0, 1.0)
-        if sign_interpolation is not None:
-            check_range("sign_interpolation", sign_interpolation, 0.0, 1.0)
-        if sign_step_scale not in (None, "snr"):
-            raise ValueError(f"sign_step_scale must be None or 'snr', got {sign_step_scale!r}")
-        if sign_step_scale == "snr" and sign_momentum == 0.0:
-            raise ValueError("sign_step_scale='snr' scales by the momentum's size; it needs sign_momentum > 0")
-        check_range("eps", eps, 0.0)
-        check_range("weight_decay", weight_decay, 0.0)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        for index, beta in enumerate(betas):
-            check_range(f"betas[{index}]", beta, 0.0, 1.0)
-        for name, value in (("sign_lr", sign_lr), ("adamw_lr", adamw_lr), ("sign_weight_decay", sign_weight_decay),
-                            ("adamw_weight_decay", adamw_weight_decay)):
+        # The arguments no param group holds under their own name; the groups' entries are checked by _check_group.
+        check_range("lr", lr, 0.0, tensor=True)
+        for name, value in (("sign_lr", sign_lr), ("adamw_lr", adamw_lr)):
+            if value is not None:
+                check_range(name, value, 0.0, tensor=True)
+        for name, value in (("sign_weight_decay", sign_weight_decay), ("adamw_weight_decay", adamw_weight_decay)):
             if value is not None:
                 check_range(name, value, 0.0)
-        sign_state_dtype = _resolve_dtype(sign_state_dtype)
+        check_flag("adamw_norm_layers", adamw_norm_layers)
+        betas = tuple(check_pair("betas", betas))
+        sign_state_dtype = resolve_state_dtype("sign_state_dtype", sign_state_dtype)
 
-        self.partition = partition_trainable_layers(
+        partition = partition_trainable_layers(
             model, last_n_layers, adamw_norm_layers=adamw_norm_layers, adamw_params=adamw_params)
-        hybrid = bool(self.partition.sign_layers) and bool(self.partition.adamw_layers)
         if sign_lr is None:
-            sign_lr = SIGN_LR_SCALE * lr if hybrid else lr
-        self.sign_state_dtype = sign_state_dtype
-
+            sign_lr = SIGN_LR_SCALE * lr if partition.sign_layers and partition.adamw_layers else lr
+        if adamw_lr is None:
+            adamw_lr = lr
+        if adamw_lr is sign_lr and torch.is_tensor(adamw_lr):  # a scheduler fills each group's lr tensor in place
+            adamw_lr = adamw_lr.clone()
+        roles = {
+            "sign": dict(lr=sign_lr, betas=(sign_momentum, betas[1]), sign_interpolation=sign_interpolation,
+                         sign_step_scale=sign_step_scale, snr_eps=eps,
+                         weight_decay=weight_decay if sign_weight_decay is None else sign_weight_decay),
+            "adamw": dict(lr=adamw_lr, betas=betas, eps=eps, amsgrad=amsgrad,
+                          weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay),
+        }
         groups = []
-        if self.partition.sign_layers:
-            groups.append({
-                "params": self.partition.sign_parameters, "role": "sign", "lr": sign_lr,
-                "sign_momentum": sign_momentum, "sign_interpolation": sign_interpolation,
-                "sign_step_scale": sign_step_scale, "snr_b2": betas[1], "snr_eps": eps,
-                "weight_decay": weight_decay if sign_weight_decay is None else sign_weight_decay,
-                "maximize": bool(maximize),
-                "layer_names": list(self.partition.sign_layer_names),
-                "param_names": list(self.partition.sign_parameter_names),
-            })
-        if self.partition.adamw_layers:
-            groups.append({
-                "params": self.partition.adamw_parameters, "role": "adamw",
-                "lr": lr if adamw_lr is None else adamw_lr, "betas": tuple(betas), "eps": eps,
-                "weight_decay": weight_decay if adamw_weight_decay is None else adamw_weight_decay,
-                "amsgrad": bool(amsgrad), "maximize": bool(maximize),
-                "layer_names": list(self.partition.adamw_layer_names),
-                "param_names": list(self.partition.adamw_parameter_names),
-            })
-        super().__init__(groups, {}, error_if_nonfinite, fused)
+        for role, layers, parameters, hyperparameters in (
+                ("sign", partition.sign_layers, partition.sign_parameters, roles["sign"]),
+                ("adamw", partition.adamw_layers, partition.adamw_parameters, roles["adamw"])):
+            group = dict(hyperparameters, role=role, stac_role=role, maximize=maximize,
+                         layer_names=[layer.name for layer in layers],
+                         param_names=[name for layer in layers for name in layer.parameter_names])
+            self._check_group(group)  # every role's, with a part of the model or not
+            if layers:
+                groups.append(dict(group, params=parameters))
+
+        # What partition.table() counts per trunk element: no momentum, or one in sign_state_dtype (None: the
+        # parameter's dtype).
+        momentum_bytes = 0 if sign_momentum == 0.0 else sign_state_dtype.itemsize if sign_state_dtype else None
+        self.partition = dataclasses.replace(partition, sign_state_bytes_per_element=momentum_bytes)
+        self.sign_state_dtype = sign_state_dtype
+        # The defaults every group holds: OneCycleLR and CyclicLR look for betas in them.
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(groups, defaults, error_if_nonfinite, fused)
         self._groups_built = True
 
     @classmethod
@@ -314,6 +361,7 @@ class STAC(SkipNonfiniteOptimizer):
 
             optimizer = STAC.recommended(model, lr=3e-3)
         """
+        check_range("lr", lr, 0.0, tensor=True)
         options = dict(sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
                        sign_state_dtype=torch.bfloat16)
         options.update(overrides)
@@ -335,7 +383,7 @@ class STAC(SkipNonfiniteOptimizer):
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = zeros()
             return state
-        if group["sign_momentum"] == 0.0:
+        if group["betas"][0] == 0.0:
             return {}
         state = dict(momentum_buffer=torch.zeros_like(param, dtype=self.sign_state_dtype or param.dtype,
                                                       memory_format=torch.preserve_format))
@@ -354,7 +402,7 @@ class STAC(SkipNonfiniteOptimizer):
                 lists["max_exp_avg_sq"] = [state["max_exp_avg_sq"] for state in states]
             tensors = GroupTensors(self.fused, lists)
             return read_finite(tensors), (states, tensors, None)
-        if group["sign_momentum"] == 0.0:
+        if group["betas"][0] == 0.0:  # plain signSGD
             tensors = GroupTensors(self.fused, dict(params=params, grads=grads))
             return read_finite(tensors), (states, tensors, None)
         tensors = GroupTensors(self.fused, dict(params=params, grads=grads,
@@ -364,7 +412,7 @@ class STAC(SkipNonfiniteOptimizer):
             return read_finite(tensors), (states, tensors, None)
         statistics = TensorStatistics(tensors, states, TENSOR_STATISTICS,
                                       statistics_table(self, group, TENSOR_STATISTICS))
-        beta = group["sign_momentum"]
+        beta = traced_number(group["betas"][0])
         read = read_sums(tensors, "snr_moments", ["grads", "momenta"], _snr_sums,
                          numbers=(beta, (-1.0 if group["maximize"] else 1.0) * (1.0 - beta),
                                   largest_finite(tensors.lists["momenta"][0].dtype)))
@@ -374,9 +422,9 @@ class STAC(SkipNonfiniteOptimizer):
         states, tensors, statistics = context
         self._store_states(params, states)
         if group["role"] == "sign":
-            sign_update(tensors, read, statistics, lr=group["lr"], sign_momentum=group["sign_momentum"],
+            sign_update(tensors, read, statistics, lr=group["lr"], sign_momentum=traced_number(group["betas"][0]),
                         sign_interpolation=group["sign_interpolation"], sign_step_scale=group["sign_step_scale"],
-                        snr_b2=group["snr_b2"], snr_eps=group["snr_eps"], weight_decay=group["weight_decay"],
+                        snr_b2=group["betas"][1], snr_eps=group["snr_eps"], weight_decay=group["weight_decay"],
                         maximize=group["maximize"])
             return
         lists = tensors.lists
@@ -384,31 +432,78 @@ class STAC(SkipNonfiniteOptimizer):
         adamw_functional(lists["params"], lists["grads"], lists["exp_avg"], lists["exp_avg_sq"],
                          lists.get("max_exp_avg_sq", []), [state["step"] for state in states],
                          fused=all(map(_adamw_fusable, lists["params"])), foreach=False, amsgrad=group["amsgrad"],
-                         beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                         beta1=traced_number(beta1), beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                          eps=group["eps"], maximize=group["maximize"])
 
-    # Checkpoints -------------------------------------------------------------------------------
+    # Validation and checkpoints --------------------------------------------------------------
 
-    def _check_checkpoint(self, state_dict):
-        """Refuse a checkpoint of another model: roles, layer and parameter names, state shapes must match."""
-        super()._check_checkpoint(state_dict)
-        saved_groups = state_dict["param_groups"]
-        if [g.get("role") for g in saved_groups] != [g["role"] for g in self.param_groups]:
-            raise ValueError(f"checkpoint roles {[g.get('role') for g in saved_groups]} do not match this "
-                             f"optimizer's {[g['role'] for g in self.param_groups]}")
-        flat_params = []
-        for saved, group in zip(saved_groups, self.param_groups):
-            role = group["role"]
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("sign_state_dtype", None)
+        self.__dict__.setdefault("partition", None)
+        self.__dict__.setdefault("_groups_built", True)
+
+    def _upgrade_group(self, group):
+        """A group of an earlier STAC (the role only in ``role``; the trunk's momentum and "snr" b2 as
+        ``sign_momentum`` and ``snr_b2``) in the current form, in place."""
+        if "role" in group:
+            group.setdefault("stac_role", group["role"])
+        if group.get("role") == "sign" and "sign_momentum" in group and "snr_b2" in group:
+            group["betas"] = (group.pop("sign_momentum"), group.pop("snr_b2"))
+        return group
+
+    def _check_group(self, group, where=""):
+        role = group.get("role")
+        if role not in GROUP_KEYS:
+            raise ValueError(f"{where}role must be 'sign' or 'adamw', got {role!r}")
+        require_keys(group, GROUP_KEYS[role], where, f"STAC {role}")
+        if group["stac_role"] != role:
+            raise ValueError(f"{where}stac_role must be the group's role {role!r}, got {group['stac_role']!r}")
+        check_range(f"{where}lr", group["lr"], 0.0, tensor=True)
+        check_range(f"{where}weight_decay", group["weight_decay"], 0.0)
+        check_flag(f"{where}maximize", group["maximize"])
+        check_names(f"{where}layer_names", group["layer_names"])
+        check_names(f"{where}param_names", group["param_names"], len(group["params"]) if "params" in group else None)
+        beta1, beta2 = check_pair(f"{where}betas", group["betas"])
+        if role == "adamw":
+            check_range(f"{where}betas[0]", beta1, 0.0, 1.0)
+            check_range(f"{where}betas[1]", beta2, 0.0, 1.0)
+            # eps = 0 would make 0/0 of a zero gradient's first step
+            check_range(f"{where}eps", group["eps"], 0.0, low_open=True)
+            check_flag(f"{where}amsgrad", group["amsgrad"])
+            return
+        check_range(f"{where}sign_momentum", beta1, 0.0, 1.0)
+        check_range(f"{where}betas[1]", beta2, 0.0, 1.0)
+        if group["sign_interpolation"] is not None:
+            check_range(f"{where}sign_interpolation", group["sign_interpolation"], 0.0, 1.0)
+        check_range(f"{where}eps", group["snr_eps"], 0.0, low_open=True)
+        if group["sign_step_scale"] not in (None, "snr"):
+            raise ValueError(f"{where}sign_step_scale must be None or 'snr', got {group['sign_step_scale']!r}")
+        if group["sign_step_scale"] == "snr" and beta1 == 0.0:
+            raise ValueError(f"{where}sign_step_scale='snr' scales by the momentum's size; it needs "
+                             "sign_momentum > 0")
+        if group["sign_step_scale"] == "snr" and beta2 == 0.0:
+            raise ValueError(f"{where}sign_step_scale='snr' averages g^2 with betas[1]; it needs betas[1] > 0")
+
+    def _migrate_checkpoint(self, state_dict):
+        return _from_stac_optimizer_0_1_5(state_dict)
+
+    def _check_saved_layout(self, saved_groups):
+        """Refuse a checkpoint of another model or partition: roles, then layer and parameter names (up to
+        wrapper prefixes), then the groups' sizes."""
+        saved_roles = [group.get("role") for group in saved_groups]
+        if saved_roles != [group["role"] for group in self.param_groups]:
+            raise ValueError(f"checkpoint roles {saved_roles} do not match this optimizer's "
+                             f"{[group['role'] for group in self.param_groups]}")
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             for key in ("layer_names", "param_names"):
-                if list(saved.get(key, [])) != list(group[key]):
-                    raise ValueError(f"checkpoint {role} {key.replace('_', ' ')} {list(saved.get(key, []))} do not "
-                                     f"match this model's {list(group[key])}")
-            flat_params.extend(zip(group["params"], group["param_names"]))
-        for index, saved in state_dict["state"].items():
-            if not isinstance(index, int) or not 0 <= index < len(flat_params):
-                raise ValueError(f"checkpoint state refers to parameter index {index!r}, which this optimizer lacks")
-            param, name = flat_params[index]
-            for key, value in saved.items():
-                if key not in TENSOR_STATISTICS and torch.is_tensor(value) and value.shape != param.shape:
-                    raise ValueError(f"checkpoint state {key!r} of parameter {name!r} has shape "
-                                     f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
+                check_names(f"checkpoint param_groups[{index}] {key}", saved.get(key))
+                if not same_parameter_names(saved[key], group[key]):
+                    raise ValueError(f"checkpoint {group['role']} {key.replace('_', ' ')} {list(saved[key])} do "
+                                     f"not match this model's {list(group[key])}")
+        super()._check_saved_layout(saved_groups)
+
+    def _check_loaded_group(self, group, current, saved_ids, where):
+        super()._check_loaded_group(group, current, saved_ids, where)
+        # The checkpoint's names may carry a wrapper's prefix; this model's are the ones to keep.
+        group["layer_names"], group["param_names"] = current["layer_names"], current["param_names"]

@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from stac_stam.torch._base import SkipNonfiniteOptimizer, check_range
+from stac_stam.torch._base import SkipNonfiniteOptimizer, check_pair, check_range, require_keys
 from stac_stam.torch._cpu_kernels import statistics_table
-from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, largest_finite, read_sums, saturate_, sqrt_,
-                                      update, wide_dtype, widened, write_back)
+from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, largest_finite, one_minus_power, read_sums,
+                                      saturate_, sqrt_, traced_number, update, wide_dtype, widened, write_back)
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard); as in the JAX STAM.
 VARIANCE_CAP = 10.0
@@ -40,7 +40,7 @@ def stam_rule(residual_sq_mean, residual_abs_mean, *, variance, scale, beta1_pro
     new_step, new_beta1_product = step + 1, beta1_product * new_beta1
     return (torch.where(finite, new_variance, variance), torch.where(finite, new_scale, scale), new_beta1,
             new_beta1_product, new_step, lr / (1 - new_beta1_product),
-            -torch.expm1(new_step * math.log(b2)))  # 1 - b2^t, exact for b2 near 1
+            one_minus_power(b2, new_step))
 
 
 def _stam_step(params, grads, mus, nus, *, beta1, step_size, bias_correction2, decay, b2, one_minus_b2, eps, bound):
@@ -119,6 +119,11 @@ class STAM(SkipNonfiniteOptimizer):
     eps              1e-8        > 0       denominator guard
     ===============  ==========  ========  =====================================
 
+    Each param group holds ``betas = (b1_base, b2)``, torch's name, so a
+    scheduler that cycles momentum (``OneCycleLR``, ``CyclicLR``) moves
+    ``b1_base``; ``lr`` may be a 0-d tensor, as in torch.optim. A group given
+    to ``add_param_group`` may set ``b1_base`` or ``b2`` by name.
+
     State per parameter (JAX name in brackets): ``step`` [count], ``exp_avg``
     [mu], ``exp_avg_sq`` [nu], ``variance``, ``scale``, ``beta1`` (the beta1
     used at the last step, for logging), ``beta1_product``. A step with a
@@ -133,25 +138,32 @@ class STAM(SkipNonfiniteOptimizer):
         optimizer.zero_grad()
     """
 
+    BETA_NAMES = ("b1_base", "b2")
+
     def __init__(self, params, lr=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_strength=0.2,
                  tau_decay=0.99, eps=1e-8, error_if_nonfinite=False, fused=True):
-        check_range("lr", lr, 0.0)
-        check_range("b1_base", b1_base, 0.0, 1.0, low_open=True)
-        check_range("b2", b2, 0.0, 1.0, low_open=True)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_range("adapt_strength", adapt_strength, 0.0, 0.5, high_open=False)
-        check_range("tau_decay", tau_decay, 0.0, 1.0, low_open=True)
-        check_range("eps", eps, 0.0, low_open=True)
-        defaults = dict(lr=lr, b1_base=b1_base, b2=b2, weight_decay=weight_decay, adapt_strength=adapt_strength,
+        defaults = dict(lr=lr, betas=(b1_base, b2), weight_decay=weight_decay, adapt_strength=adapt_strength,
                         tau_decay=tau_decay, eps=eps)
+        self._check_group(defaults)
         super().__init__(params, defaults, error_if_nonfinite, fused)
+
+    def _check_group(self, group, where=""):
+        require_keys(group, ("lr", "betas", "weight_decay", "adapt_strength", "tau_decay", "eps"), where, "STAM")
+        check_range(f"{where}lr", group["lr"], 0.0, tensor=True)
+        b1_base, b2 = check_pair(f"{where}betas", group["betas"])
+        check_range(f"{where}b1_base", b1_base, 0.0, 1.0, low_open=True)
+        check_range(f"{where}b2", b2, 0.0, 1.0, low_open=True)
+        check_range(f"{where}weight_decay", group["weight_decay"], 0.0)
+        check_range(f"{where}adapt_strength", group["adapt_strength"], 0.0, 0.5, high_open=False)
+        check_range(f"{where}tau_decay", group["tau_decay"], 0.0, 1.0, low_open=True)
+        check_range(f"{where}eps", group["eps"], 0.0, low_open=True)
 
     def _initial_state(self, group, param):
         stat_dtype = torch.promote_types(param.dtype, torch.float32)
         scalar = lambda value: torch.full((), value, dtype=stat_dtype, device=param.device)  # noqa: E731
         return dict(step=scalar(0.0), exp_avg=torch.zeros_like(param, dtype=stat_dtype),
                     exp_avg_sq=torch.zeros_like(param, dtype=stat_dtype), variance=scalar(0.0), scale=scalar(0.0),
-                    beta1=scalar(group["b1_base"]), beta1_product=scalar(1.0))
+                    beta1=scalar(group["betas"][0]), beta1_product=scalar(1.0))
 
     def _prepare_group(self, group, params, grads):
         states = self._states(group, params)
@@ -165,6 +177,7 @@ class STAM(SkipNonfiniteOptimizer):
     def _update_group(self, group, params, grads, read, context):
         states, tensors, statistics = context
         self._store_states(params, states)
-        stam_update(tensors, read, statistics, lr=group["lr"], b1_base=group["b1_base"], b2=group["b2"],
+        stam_update(tensors, read, statistics, lr=group["lr"], b1_base=traced_number(group["betas"][0]),
+                    b2=group["betas"][1],
                     weight_decay=group["weight_decay"], adapt_strength=group["adapt_strength"],
                     tau_decay=group["tau_decay"], eps=group["eps"])

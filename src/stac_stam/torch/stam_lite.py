@@ -4,10 +4,11 @@ import math
 
 import torch
 
-from stac_stam.torch._base import SkipNonfiniteOptimizer, check_range
+from stac_stam.torch._base import SkipNonfiniteOptimizer, check_pair, check_range, require_keys, resolve_state_dtype
 from stac_stam.torch._cpu_kernels import statistics_table
-from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, largest_finite, read_sums,
-                                      saturate_, update, wide_dtype, widened, write_back)
+from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, largest_finite,
+                                      one_minus_power, read_sums, saturate_, traced_number, update,
+                                      wide_dtype, widened, write_back)
 
 # The 0-d state entries, in the order stam_lite_rule returns their new values.
 _TENSOR_STATISTICS = ("grad_mean", "grad_sq_mean", "beta1", "beta1_product", "step")
@@ -39,7 +40,7 @@ def stam_lite_rule(g_mean, g_sq_mean, *, grad_mean, grad_sq_mean, beta1, beta1_p
     new_beta1_product = beta1_product * new_beta1
     new_mean = torch.where(finite, new_mean, grad_mean)
     new_sq_mean = torch.where(finite, new_sq_mean, grad_sq_mean)
-    rms = (new_sq_mean / -torch.expm1(new_step * math.log(moment_decay))).sqrt() + eps  # 1 - moment_decay^t
+    rms = (new_sq_mean / one_minus_power(moment_decay, new_step)).sqrt() + eps
     return (torch.clamp(new_mean, -largest, largest), torch.clamp(new_sq_mean, max=largest), new_beta1,
             new_beta1_product, new_step, lr / ((1 - new_beta1_product) * rms))
 
@@ -72,7 +73,8 @@ def stam_lite_update(tensors, read, statistics, *, lr, b1_base, weight_decay, ad
         beta1    = clip(b1_base (1 - adapt_strength z / (1 + z)), b1_base (1 - adapt_strength), b1_base)
                    recomputed on steps 1, 1 + k, 1 + 2k, ..., held in between
         mu_t     = beta1 mu_{t-1} + (1 - beta1) g                  (stored in state_dtype)
-        p       <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(E[g^2]_t / (1 - moment_decay^t)) + eps)
+        p       <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(E[g^2]_t / (1 - moment_decay^t))
+                   + eps)
 
     Non-finite moments: beta1 = b1_base and the moments keep their old values;
     moments beyond the state's dtype are stored at its largest value (see
@@ -115,34 +117,52 @@ class STAMLite(SkipNonfiniteOptimizer):
     eps                    1e-8        > 0       denominator guard
     =====================  ==========  ========  ==================================
 
+    Each param group holds ``betas = (b1_base, moment_decay)``, torch's name:
+    ``moment_decay`` is the decay of the squared-gradient average that makes
+    the denominator, AdamW's beta2 for a tensor-level RMS. A scheduler that
+    cycles momentum (``OneCycleLR``, ``CyclicLR``) moves ``b1_base``; ``lr``
+    may be a 0-d tensor, as in torch.optim. A group given to
+    ``add_param_group`` may set ``b1_base`` or ``moment_decay`` by name.
+
     State per parameter (JAX name in brackets): ``step`` [count], ``exp_avg``
     [mu], ``grad_mean``, ``grad_sq_mean``, ``beta1``, ``beta1_product``.
     Non-finite steps change nothing and are counted in ``nonfinite_skipped_steps``.
     """
 
+    BETA_NAMES = ("b1_base", "moment_decay")
+    _settings = SkipNonfiniteOptimizer._settings + ("state_dtype",)
+
     def __init__(self, params, lr=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength=0.2, moment_decay=0.99,
                  beta1_update_interval=5, state_dtype=None, eps=1e-8, error_if_nonfinite=False, fused=True):
-        check_range("lr", lr, 0.0)
-        check_range("b1_base", b1_base, 0.0, 1.0, low_open=True)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_range("adapt_strength", adapt_strength, 0.0, 0.5, high_open=False)
-        check_range("moment_decay", moment_decay, 0.0, 1.0, low_open=True)
-        if isinstance(beta1_update_interval, bool) or not isinstance(beta1_update_interval, int) \
-                or beta1_update_interval < 1:
-            raise ValueError(f"beta1_update_interval must be an integer >= 1, got {beta1_update_interval!r}")
-        if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
-            raise ValueError(f"state_dtype must be a floating torch dtype such as torch.bfloat16, got {state_dtype!r}")
-        check_range("eps", eps, 0.0, low_open=True)
-        defaults = dict(lr=lr, b1_base=b1_base, weight_decay=weight_decay, adapt_strength=adapt_strength,
-                        moment_decay=moment_decay, beta1_update_interval=beta1_update_interval, eps=eps)
-        self.state_dtype = state_dtype
+        defaults = dict(lr=lr, betas=(b1_base, moment_decay), weight_decay=weight_decay,
+                        adapt_strength=adapt_strength, beta1_update_interval=beta1_update_interval, eps=eps)
+        self._check_group(defaults)
+        self.state_dtype = resolve_state_dtype("state_dtype", state_dtype)
         super().__init__(params, defaults, error_if_nonfinite, fused)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("state_dtype", None)
+
+    def _check_group(self, group, where=""):
+        require_keys(group, ("lr", "betas", "weight_decay", "adapt_strength", "beta1_update_interval", "eps"), where,
+                     "STAMLite")
+        check_range(f"{where}lr", group["lr"], 0.0, tensor=True)
+        b1_base, moment_decay = check_pair(f"{where}betas", group["betas"])
+        check_range(f"{where}b1_base", b1_base, 0.0, 1.0, low_open=True)
+        check_range(f"{where}moment_decay", moment_decay, 0.0, 1.0, low_open=True)
+        check_range(f"{where}weight_decay", group["weight_decay"], 0.0)
+        check_range(f"{where}adapt_strength", group["adapt_strength"], 0.0, 0.5, high_open=False)
+        interval = group["beta1_update_interval"]
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"{where}beta1_update_interval must be an integer >= 1, got {interval!r}")
+        check_range(f"{where}eps", group["eps"], 0.0, low_open=True)
 
     def _initial_state(self, group, param):
         stat_dtype = torch.promote_types(param.dtype, torch.float32)
         scalar = lambda value: torch.full((), value, dtype=stat_dtype, device=param.device)  # noqa: E731
         return dict(step=scalar(0.0), exp_avg=torch.zeros_like(param, dtype=self.state_dtype or stat_dtype),
-                    grad_mean=scalar(0.0), grad_sq_mean=scalar(0.0), beta1=scalar(group["b1_base"]),
+                    grad_mean=scalar(0.0), grad_sq_mean=scalar(0.0), beta1=scalar(group["betas"][0]),
                     beta1_product=scalar(1.0))
 
     def _prepare_group(self, group, params, grads):
@@ -156,7 +176,7 @@ class STAMLite(SkipNonfiniteOptimizer):
     def _update_group(self, group, params, grads, read, context):
         states, tensors, statistics = context
         self._store_states(params, states)
-        stam_lite_update(tensors, read, statistics, lr=group["lr"], b1_base=group["b1_base"],
+        stam_lite_update(tensors, read, statistics, lr=group["lr"], b1_base=traced_number(group["betas"][0]),
                          weight_decay=group["weight_decay"], adapt_strength=group["adapt_strength"],
-                         moment_decay=group["moment_decay"], beta1_update_interval=group["beta1_update_interval"],
+                         moment_decay=group["betas"][1], beta1_update_interval=group["beta1_update_interval"],
                          eps=group["eps"])
