@@ -26,15 +26,38 @@ STAM step took 672 ms instead of 100 ms), which is not what users see. JAX:
 the temporary buffer XLA allocates for one step (``memory_analysis()`` of the
 compiled step).
 
+PyTorch floors, per optimizer (``floor_ms``, same run): its update's bytes at
+the rate fused AdamW's step moves its 28 bytes per parameter, plus the bytes of
+its read-only pass (the non-finite check of the all-or-nothing policy, or the
+statistics read that makes it) at the read floor. The non-finite read floor
+(``nonfinite_read_floor_ms``) is one read of every gradient at the read floor;
+``nonfinite_check_ms`` is the library's own check alone (the kernel layer's
+``read_finite`` over every gradient), timed in the same rounds.
+
+First step (``torch_first_step``): each optimizer's first ``step()`` on the
+digits MLP (64-128-128-10) in a fresh process, against its median step in that
+process, with library caches cold (an empty ``$XDG_CACHE_HOME`` and Inductor
+cache, as after an install) and warm (the same caches again, in another fresh
+process); ``kernels`` says where the library's C kernels came from (``packaged``:
+built at install time; ``built``: compiled on first use into the cache).
+
+FSDP2 (``torch_fsdp2``): two processes (gloo, one thread each) shard the stack
+shape with ``fully_shard``; each optimizer's step on fixed gradients, timed
+round-robin, against ``torch.optim.AdamW`` under FSDP2 in the same run, and its
+optimizer-state bytes per process (local shards; 8-bit states by their codes
+and scales).
+
 Bytes each update must move, per parameter (fp32): AdamW 28 (read p, g, m, v;
 write p, m, v); STAC trunk 20 (16 with bf16 momentum, 12 plain sign; the "snr"
 step scale adds a statistics pass reading g and m: 8, 6 with bf16), its cap 28;
 STAM 36 (AdamW's 28 plus the statistics pass reading g and m); STAMLite 24;
-Lion and SGD with momentum 20. Of these, bytes read: AdamW 16; STAM 24;
+Lion and SGD with momentum 20; torchao's AdamW8bit 16 (p, g read and written
+in fp32, two 8-bit moments; scales aside); Adafactor 12 (p, g; its factored
+second moment is negligible). Of these, bytes read: AdamW 16; STAM 24;
 STAMLite 16 (g, then p, g, mu); Lion and SGD with momentum 12; STAC's trunk 16
 (p, g, m, and g once more for its non-finite check; 14 with bf16 momentum, 12
 plain sign, 20 and 16 with the "snr" statistics pass, which makes that check),
-its cap 20.
+its cap 20; AdamW8bit 10, Adafactor 8.
 """
 
 import argparse
@@ -47,9 +70,11 @@ import numpy as np
 SHAPES = {"large": dict(layers=4, width=4096), "stack": dict(blocks=16, width=272)}
 QUICK_SHAPES = {"large": dict(layers=2, width=512), "stack": dict(blocks=2, width=64)}
 BYTES_PER_PARAM = {"AdamW fused": 28, "AdamW foreach": 28, "STAM": 36, "STAMLite": 24, "Lion": 20,
-                   "SGD momentum": 20}
+                   "SGD momentum": 20, "AdamW8bit": 16, "Adafactor": 12}
 BYTES_READ_PER_PARAM = {"AdamW fused": 16, "AdamW foreach": 16, "STAM": 24, "STAMLite": 16, "Lion": 12,
-                        "SGD momentum": 12}
+                        "SGD momentum": 12, "AdamW8bit": 10, "Adafactor": 8}
+# Bytes per parameter of the read-only pass before the update (the non-finite check, or the statistics read).
+READ_PASS_BYTES_PER_PARAM = {"STAM": 8, "STAMLite": 4}
 
 
 def torch_model(shape):
@@ -67,7 +92,8 @@ def torch_model(shape):
     return nn.Sequential(nn.Embedding(1000, width), *blocks, nn.Linear(width, 1000)).to(torch.float32)
 
 
-def _torch_optimizers():
+def _torch_optimizers(quick=False):
+    """The PyTorch optimizers timed, by name (quick mode leaves out AdamW8bit, whose first step compiles)."""
     import torch
     from lion_pytorch import Lion
 
@@ -85,26 +111,60 @@ def _torch_optimizers():
         "STAMLite": lambda m: STAMLite(m.parameters(), lr=1e-3),
         "Lion": lambda m: Lion(m.parameters(), lr=1e-4),
         "SGD momentum": lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9),
+        **({} if quick else {"AdamW8bit": _adamw_8bit}),
+        "Adafactor": lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-2),
     }
 
 
+def _adamw_8bit(model):
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(model.parameters(), lr=1e-3)
+
+
+def state_bytes(optimizer):
+    """Bytes of the optimizer's state as stored: a tensor subclass (torchao's 8-bit moments: codes, scales and
+    their shared quantization map) by its inner tensors, a DTensor by its local shard, each storage once."""
+    seen, total = set(), 0
+
+    def add(tensor):
+        nonlocal total
+        if hasattr(tensor, "to_local"):
+            tensor = tensor.to_local()
+        if hasattr(tensor, "__tensor_flatten__") and type(tensor).__name__ != "Tensor":
+            for name in tensor.__tensor_flatten__()[0]:
+                add(getattr(tensor, name))
+            return
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+
+    import torch
+
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                add(value)
+    return total
+
+
 def _stac_bytes(optimizer):
-    """``(moved, read)``: the bytes a STAC step moves (its updates) and reads (with its non-finite check)."""
-    moved = read = 0
+    """``(moved, read, read_pass)``: the bytes a STAC step moves and reads (with its read-only pass), and the
+    bytes of that pass (the non-finite check, or with "snr" the statistics read of g and m, which makes it)."""
+    moved = read = read_pass = 0
     for group in optimizer.param_groups:
         n = sum(p.numel() for p in group["params"])
         if group["role"] == "adamw":
-            moved, read = moved + 28 * n, read + 20 * n
+            moved, read, read_pass = moved + 28 * n, read + 16 * n, read_pass + 4 * n
         elif group["betas"][0] == 0.0:  # the trunk's momentum
-            moved, read = moved + 12 * n, read + 12 * n
+            moved, read, read_pass = moved + 12 * n, read + 8 * n, read_pass + 4 * n
         else:
             momentum_bytes = 2 if optimizer.sign_state_dtype is not None else 4
             moved += (12 + 2 * momentum_bytes) * n
-            read += (12 + momentum_bytes) * n  # p, g, m and g again; the "snr" pass reads g and m instead
-            if group["sign_step_scale"] == "snr":  # a statistics pass reading g and m first
-                moved += (4 + momentum_bytes) * n
-                read += momentum_bytes * n
-    return moved, read
+            read += (8 + momentum_bytes) * n
+            read_pass += (4 + momentum_bytes) * n if group["sign_step_scale"] == "snr" else 4 * n
+    return moved + read_pass, read + read_pass, read_pass
 
 
 def _status_bytes(field):
@@ -169,22 +229,38 @@ def torch_step(make, shape):
     return model, optimizer
 
 
-def run_torch(shapes, rounds, progress):
-    import torch
+def nonfinite_check(model):
+    """The library's non-finite check alone: the kernel layer's finiteness read over every gradient."""
+    from stac_stam.torch._kernels import GroupTensors, read_finite
 
-    from benchmarks.torch_tasks import state_bytes
+    grads = [p.grad for p in model.parameters()]
+    return lambda: read_finite(GroupTensors(True, {"grads": grads}))
+
+
+def _bytes(name, optimizer, n_params):
+    """``(moved, read, read_pass)`` of one step (see the module docstring)."""
+    if name.startswith("STAC"):
+        return _stac_bytes(optimizer)
+    return (BYTES_PER_PARAM[name] * n_params, BYTES_READ_PER_PARAM[name] * n_params,
+            READ_PASS_BYTES_PER_PARAM.get(name, 0) * n_params)
+
+
+def run_torch(shapes, rounds, progress, quick=False):
+    import torch
 
     torch.set_num_threads(2)
     results = {}
     for shape_name, shape in shapes.items():
-        entries = {name: (*torch_step(make, shape), []) for name, make in _torch_optimizers().items()}
-        n_params = sum(p.numel() for p in next(iter(entries.values()))[0].parameters())
+        entries = {name: (*torch_step(make, shape), []) for name, make in _torch_optimizers(quick).items()}
+        model = next(iter(entries.values()))[0]
+        n_params = sum(p.numel() for p in model.parameters())
         # The floors are timed in the same rounds as the optimizers, so they see the machine they see.
         probe, probe_times = bandwidth_probe(28 * n_params), []
         reads, read_times = read_probe(16 * n_params), []
-        probe(), reads()
+        check, check_times = nonfinite_check(model), []
+        probe(), reads(), check()
         steps = [(optimizer.step, times) for _, optimizer, times in entries.values()]
-        steps += [(probe, probe_times), (reads, read_times)]
+        steps += [(probe, probe_times), (reads, read_times), (check, check_times)]
         for _ in range(rounds):
             for step, times in steps:
                 start = time.perf_counter()
@@ -192,30 +268,158 @@ def run_torch(shapes, rounds, progress):
                 times.append(time.perf_counter() - start)
         floor_seconds_per_byte = statistics.median(probe_times) / (28 * n_params)
         read_seconds_per_byte = statistics.median(read_times) / (16 * n_params)
-        del probe, reads, steps
+        del probe, reads, check, steps
         yardstick = statistics.median(entries["AdamW fused"][2])
+        adamw_seconds_per_byte = yardstick / (28 * n_params)
         shape_results = {}
-        for name, (model, optimizer, times) in entries.items():
+        for name, (_, optimizer, times) in entries.items():
             seconds = statistics.median(times)
-            moved, read = (_stac_bytes(optimizer) if name.startswith("STAC")
-                           else (BYTES_PER_PARAM[name] * n_params, BYTES_READ_PER_PARAM[name] * n_params))
+            moved, read, read_pass = _bytes(name, optimizer, n_params)
+            floor = (moved - read_pass) * adamw_seconds_per_byte + read_pass * read_seconds_per_byte
             shape_results[name] = {
                 "framework": "torch", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
                 "state_bytes": state_bytes(optimizer), "bytes_moved_per_step": moved, "bytes_read_per_step": read,
+                "read_pass_bytes": read_pass, "floor_ms": 1e3 * floor, "ratio_to_floor": seconds / floor,
+                "floor_ratio_to_yardstick": floor / yardstick,
                 "floor_fraction": moved * floor_seconds_per_byte / seconds,
                 "read_floor_fraction": read * read_seconds_per_byte / seconds, "compile_s": None,
                 "transient_bytes": None,
             }
             if progress:
                 print(f"  torch {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  x{seconds / yardstick:.2f}  "
-                      f"floor {shape_results[name]['floor_fraction']:.0%}  "
+                      f"its floor x{floor / yardstick:.2f}  "
                       f"read floor {shape_results[name]['read_floor_fraction']:.0%}")
+        nonfinite_floor = 4 * n_params * read_seconds_per_byte
+        nonfinite_check_seconds = statistics.median(check_times)
         results[shape_name] = {"n_params": n_params, "n_tensors": len(list(model.parameters())),
                                "floor_gb_per_s": 1e-9 / floor_seconds_per_byte,
-                               "read_floor_gb_per_s": 1e-9 / read_seconds_per_byte, "yardstick": "AdamW fused",
-                               "optimizers": shape_results}
+                               "read_floor_gb_per_s": 1e-9 / read_seconds_per_byte,
+                               "adamw_gb_per_s": 1e-9 / adamw_seconds_per_byte,
+                               "nonfinite_read_floor_ms": 1e3 * nonfinite_floor,
+                               "nonfinite_check_ms": 1e3 * nonfinite_check_seconds,
+                               "nonfinite_check_ratio_to_floor": nonfinite_check_seconds / nonfinite_floor,
+                               "yardstick": "AdamW fused", "optimizers": shape_results}
+        if progress:
+            print(f"  torch {shape_name:5s} non-finite check {1e3 * nonfinite_check_seconds:.2f} ms, "
+                  f"its read floor {1e3 * nonfinite_floor:.2f} ms")
         del entries
     return results
+
+
+# The first step of a fresh process: a digits-sized MLP, one forward and backward, then the optimizer's step.
+_FIRST_STEP = """
+import json, statistics, sys, time
+import torch
+from torch import nn
+from benchmarks.speed import _torch_optimizers
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+optimizer = _torch_optimizers()[sys.argv[1]](model)
+inputs, targets = torch.randn(64, 64), torch.randint(0, 10, (64,))
+def step():
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    start = time.perf_counter()
+    optimizer.step()
+    return time.perf_counter() - start
+first = step()
+median = statistics.median(step() for _ in range(30))
+from stac_stam.torch import _cpu_kernels
+library = _cpu_kernels._library
+kernels = ("none" if not library else "packaged" if any(str(p) == library._name for p in _cpu_kernels._PACKAGED)
+           else "built")
+print(json.dumps({"first_s": first, "median_s": median, "kernels": kernels}))
+"""
+
+
+def first_steps(names, progress):
+    """Each optimizer's first step in a fresh process, with cold caches and then warm (module docstring)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    results = {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as caches:
+            environment = dict(os.environ, XDG_CACHE_HOME=os.path.join(caches, "xdg"),
+                               TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+                               PYTHONPATH=os.pathsep.join(sys.path))
+            runs = []
+            for _ in ("cold", "warm"):
+                done = subprocess.run([sys.executable, "-c", _FIRST_STEP, name], env=environment, capture_output=True,
+                                      text=True, timeout=900)
+                if done.returncode:
+                    raise RuntimeError(f"first step of {name} failed: {done.stderr[-2000:]}")
+                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        (cold, warm), median = runs, runs[1]["median_s"]
+        results[name] = {"cold_s": cold["first_s"], "warm_s": warm["first_s"], "median_step_s": median,
+                         "cold_ratio_to_median": cold["first_s"] / median,
+                         "warm_ratio_to_median": warm["first_s"] / median, "kernels": cold["kernels"]}
+        if progress:
+            print(f"  torch first step {name:16s} cold {cold['first_s']:.3f} s  warm {warm['first_s'] * 1e3:.1f} ms"
+                  f"  median {median * 1e3:.2f} ms  ({cold['kernels']} kernels)")
+    return results
+
+
+def _fsdp2_worker(rank, port, shape, rounds, names, results):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    makers = dict(_torch_optimizers(), AdamW=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
+    entries = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = torch_model(shape)
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        for p in model.parameters():
+            p.grad = distribute_tensor(torch.randn(p.shape) * 1e-3, p.device_mesh, p.placements)
+        optimizer = makers[name](model)
+        optimizer.step()
+        entries[name] = (model, optimizer, [])
+    for _ in range(rounds):  # the same order on both processes: the steps' collectives pair up
+        for _, optimizer, times in entries.values():
+            dist.barrier()
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+    if rank == 0:
+        results.put({name: {"step_s": statistics.median(times), "state_bytes_per_rank": state_bytes(optimizer)}
+                     for name, (_, optimizer, times) in entries.items()})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_fsdp2(shape_name, shape, rounds, progress, quick=False):
+    """The scale-out row: each optimizer under FSDP2 on two processes against AdamW under FSDP2."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    names = ["AdamW", "STAC", *([] if quick else ["STAC bf16 state", "STAC plain sign"]), "STAC recommended", "STAM",
+             "STAMLite"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_fsdp2_worker, args=(port, shape, rounds, names, results), nprocs=2, join=True,
+                       start_method="spawn")
+    timed = results.get()
+    yardstick = timed["AdamW"]["step_s"]
+    optimizers = {name: {"step_ms_median": 1e3 * entry["step_s"], "ratio_to_yardstick": entry["step_s"] / yardstick,
+                         "state_bytes_per_rank": entry["state_bytes_per_rank"]} for name, entry in timed.items()}
+    if progress:
+        for name, entry in optimizers.items():
+            print(f"  torch FSDP2 {shape_name} {name:16s} {entry['step_ms_median']:8.1f} ms  "
+                  f"x{entry['ratio_to_yardstick']:.2f}  state/rank {entry['state_bytes_per_rank'] / 2**20:.1f} MiB")
+    return {"shape": shape_name, "world_size": 2, "backend": "gloo", "threads_per_process": 1,
+            "yardstick": "AdamW", "optimizers": optimizers}
 
 
 def _jax_optimizers():
@@ -338,8 +542,10 @@ def measure_torch_transients(results, shapes):
     """Fill in the PyTorch ``transient_bytes``: each optimizer's step built afresh, warmed up, then one step
     measured. Runs after all the timing: the glibc settings it needs (``transient_tracking``) stay for the
     rest of the process and slow down every step that allocates (a fresh mapping, page faults, each time)."""
+    makers = _torch_optimizers()
     for shape_name, block in results.items():
-        for name, make in _torch_optimizers().items():
+        for name in block["optimizers"]:
+            make = makers[name]
             block["optimizers"][name]["transient_bytes"] = transient_bytes(torch_step(make, shapes[shape_name])[1].step)
 
 
@@ -349,9 +555,13 @@ def run_speed(quick, frameworks=("torch", "jax"), progress=True):
     rounds, compile_rounds = (3, 2) if quick else (25, 3)
     timed = {}
     if "torch" in frameworks:
-        timed["torch"] = run_torch(shapes, rounds, progress)
+        timed["torch"] = run_torch(shapes, rounds, progress, quick)
     if "jax" in frameworks:
         timed["jax"] = run_jax(shapes, rounds, compile_rounds, progress)
+    if "torch" in frameworks:
+        first_step_names = ["STAC"] if quick else list(_torch_optimizers(quick))
+        timed["torch_first_step"] = first_steps(first_step_names, progress)
+        timed["torch_fsdp2"] = run_fsdp2("stack", shapes["stack"], rounds, progress, quick)
     track_transient = "torch" in timed and transient_tracking()
     if track_transient:
         measure_torch_transients(timed["torch"], shapes)

@@ -11,6 +11,8 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import optimizers, report
 from benchmarks.__main__ import main
 from benchmarks.speed import run_speed
@@ -70,10 +72,27 @@ def test_the_speed_benchmarks_quick_section():
                 assert math.isfinite(entry["step_ms_median"]) and entry["step_ms_median"] > 0, (shape, name)
     for shape, block in speed["torch"].items():
         assert 0 < block["floor_gb_per_s"] < 10_000 and 0 < block["read_floor_gb_per_s"] < 10_000, shape
+        # The non-finite read floor is one read of every gradient (4 bytes per parameter) at the read floor.
+        assert block["nonfinite_read_floor_ms"] == pytest.approx(
+            4 * block["n_params"] / block["read_floor_gb_per_s"] * 1e-6, rel=1e-9), shape
+        assert block["nonfinite_check_ms"] > 0, shape
+        assert {"AdamW8bit", "Adafactor"} & set(block["optimizers"]), shape
         for name, entry in block["optimizers"].items():
-            # Every update reads no more than it moves, and at least p and g.
+            # Every update reads no more than it moves, and at least p and g; its read-only pass is part of both.
             assert 8 * block["n_params"] <= entry["bytes_read_per_step"] <= entry["bytes_moved_per_step"], (shape, name)
-            assert entry["read_floor_fraction"] > 0, (shape, name)
+            assert 0 <= entry["read_pass_bytes"] <= entry["bytes_read_per_step"], (shape, name)
+            assert entry["read_floor_fraction"] > 0 and entry["floor_ms"] > 0, (shape, name)
+            assert entry["ratio_to_floor"] == pytest.approx(entry["step_ms_median"] / entry["floor_ms"]), (shape, name)
+        assert block["optimizers"]["AdamW fused"]["floor_ratio_to_yardstick"] == pytest.approx(1.0)
+    for name, entry in speed["torch_first_step"].items():
+        assert entry["cold_s"] > 0 and entry["warm_s"] > 0 and entry["median_step_s"] > 0, name
+        assert entry["kernels"] in ("packaged", "built", "none"), name
+    assert "STAC" in speed["torch_first_step"]
+    fsdp2 = speed["torch_fsdp2"]
+    assert fsdp2["world_size"] == 2 and fsdp2["optimizers"]["AdamW"]["ratio_to_yardstick"] == 1.0
+    for name in ("STAC", "STAC recommended", "STAM", "STAMLite"):
+        assert fsdp2["optimizers"][name]["step_ms_median"] > 0, name
+        assert 0 < fsdp2["optimizers"][name]["state_bytes_per_rank"], name
     # JAX compile time: the median of one compile per round.
     for shape, block in speed["jax"].items():
         for name, entry in block["optimizers"].items():

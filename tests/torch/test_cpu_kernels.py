@@ -1,153 +1,176 @@
-"""The C kernels STAM and STAMLite run on float32 CPU tensors: their Python kernels' float32 arithmetic, each
-operation rounded once; float64 moments; a clean fallback where no compiler is found. Whole optimizer steps on
-these kernels are held to the op-by-op path in test_torch_parity.py."""
+"""The C kernels (``_cpu_kernels.c``) against the torch code they stand in for: every update bit for bit, the
+read's sums against float64, on any thread count; the library's build, cache and fallback. Whole optimizer
+steps on each path are held to each other in test_torch_parity.py."""
 
+import os
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
-from stac_stam.torch import _cpu_kernels
+from stac_stam.torch import _cpu_kernels, stac, stam, stam_lite
+from stac_stam.torch._kernels import GroupTensors, read_finite, read_sums, update
 
-# Around the kernels' chunk of 16384 elements, and the empty and one-element cases.
-SIZES = (0, 1, 7, 16383, 16384, 16385, 40000)
+# Around the kernels' chunk of 16384 elements, and the empty, 0-d and one-element cases.
+SHAPES = ((0,), (), (1,), (7,), (16383,), (16384,), (16385,), (200, 200))
+BIG = torch.finfo(torch.float32).max
 
 
 @pytest.fixture(autouse=True)
 def library():
-    if _cpu_kernels._load() is None:
+    if not _cpu_kernels.available():
         pytest.skip("no C compiler to build the CPU kernels")
 
 
-def tensors(seed, scale=1.0):
+def tensors(seed, scale=1.0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    return [scale * torch.randn(size, generator=generator) for size in SIZES]
+    return [(scale * torch.randn(shape, generator=generator)).to(dtype) for shape in SHAPES]
 
 
 def per_tensor(low, high, seed):
-    return low + (high - low) * torch.rand(len(SIZES), generator=torch.Generator().manual_seed(seed))
+    return low + (high - low) * torch.rand(len(SHAPES), generator=torch.Generator().manual_seed(seed),
+                                           dtype=torch.float64)
 
 
-def test_stam_lite_update_is_the_python_kernels_float32_arithmetic_rounded_op_by_op():
-    params, grads, mus = tensors(0), tensors(1), tensors(2, 0.1)
-    beta1, step_size, decay = per_tensor(0.7, 0.9, 3), per_tensor(1e-4, 1e-2, 4), 1 - 1e-3 * 0.01
-    # numpy rounds each float32 operation once, as the C kernel must (torch's vectorized CPU loops may differ
-    # from that by an ulp).
-    expected = [[], []]
-    for i, (param, grad, mu) in enumerate(zip(params, grads, mus)):
-        b1, lr = np.float32(beta1[i].item()), np.float32(step_size[i].item())
-        new_mu = b1 * mu.numpy() + (np.float32(1) - b1) * grad.numpy()
-        expected[0].append(param.numpy() * np.float32(decay) - new_mu * lr)
-        expected[1].append(new_mu)
-    _cpu_kernels.run("stam_lite_step", [params, grads, mus], [beta1, step_size], [decay])
-    assert all(np.array_equal(t.numpy(), e) for ts, es in zip((params, mus), expected) for t, e in zip(ts, es))
+def both_paths(lists, bf16_lists=()):
+    """The same tensors twice: a group on the C path and a copy on the per-tensor torch path."""
+    c_group = GroupTensors(True, lists, bf16_lists)
+    torch_group = GroupTensors(False, {name: [t.clone() for t in ts] for name, ts in lists.items()}, bf16_lists)
+    assert (c_group.path, torch_group.path) == ("cpu", "per_tensor")
+    return c_group, torch_group
 
 
-def test_stam_update_is_the_python_kernels_float32_arithmetic_rounded_op_by_op():
-    params, grads, mus, nus = tensors(0), tensors(1), tensors(2, 0.1), [t.square() for t in tensors(3, 0.1)]
-    beta1, step_size, correction = per_tensor(0.7, 0.9, 4), per_tensor(1e-4, 1e-2, 5), per_tensor(1e-3, 1.0, 6)
-    decay, b2, eps = 1 - 1e-3 * 0.01, 0.999, 1e-8
-    f = np.float32
-    expected = [[], [], []]
-    for i, (param, grad, mu, nu) in enumerate(zip(params, grads, mus, nus)):
-        b1, lr, g = f(beta1[i].item()), f(step_size[i].item()), grad.numpy()
-        new_mu = b1 * mu.numpy() + (f(1) - b1) * g
-        new_nu = f(b2) * nu.numpy() + f(1 - b2) * g * g
-        denominator = np.sqrt(new_nu / f(correction[i].item())) + f(eps)
-        expected[0].append(param.numpy() * f(decay) - lr * new_mu / denominator)
-        expected[1].append(new_mu)
-        expected[2].append(new_nu)
-    _cpu_kernels.run("stam_step", [params, grads, mus, nus], [beta1, step_size, correction],
-                     [decay, b2, 1 - b2, eps])
-    assert all(np.array_equal(t.numpy(), e) for ts, es in zip((params, mus, nus), expected) for t, e in zip(ts, es))
+def assert_same_bits(c_group, torch_group):
+    for name, values in c_group.lists.items():
+        for a, b in zip(values, torch_group.lists[name]):
+            assert torch.equal(a, b), name
 
 
-def moments(name, *tensor_lists):
-    sums = torch.empty(len(tensor_lists[0]), 2, dtype=torch.float64)
-    _cpu_kernels.run(name, list(tensor_lists), [sums])
-    return sums
+UPDATES = {
+    "sign_step": (stac._sign_step, ["params", "grads", "momenta"], lambda: dict(lr=per_tensor(1e-4, 1e-2, 3)),
+                  dict(decay=1 - 1e-4, sign_momentum=0.9, grad_weight=-0.1, interpolation=0.8,
+                       interpolation_grad_weight=-0.2, bound=BIG)),
+    "plain_sign_step": (stac._sign_step, ["params", "grads"], dict, dict(lr=3e-3, decay=1 - 1e-4)),
+    "stam_lite_step": (stam_lite._stam_lite_step, ["params", "grads", "mus"],
+                       lambda: dict(beta1=per_tensor(0.7, 0.9, 3), step_size=per_tensor(1e-4, 1e-2, 4)),
+                       dict(decay=1 - 1e-4, bound=BIG)),
+    "stam_step": (stam._stam_step, ["params", "grads", "mus", "nus"],
+                  lambda: dict(beta1=per_tensor(0.7, 0.9, 3), step_size=per_tensor(1e-4, 1e-2, 4),
+                               bias_correction2=per_tensor(1e-3, 1.0, 5)),
+                  dict(decay=1 - 1e-4, b2=0.999, one_minus_b2=1 - 0.999, eps=1e-8, bound=BIG)),
+}
 
 
-def test_moments_are_float64_sums_with_the_same_bits_on_any_thread_count():
-    grads, mus = tensors(0, 3.0), tensors(1)
-    residuals = [g.double() - m.double() for g, m in zip(grads, mus)]
-    expected = {"stam_lite_moments": [(g.double().sum(), g.double().square().sum()) for g in grads],
-                "stam_moments": [(r.square().sum(), r.abs().sum()) for r in residuals]}
+@pytest.mark.parametrize("kernel, state_dtype", [(kernel, torch.float32) for kernel in UPDATES]
+                         + [("sign_step", torch.bfloat16), ("stam_lite_step", torch.bfloat16)])
+def test_each_update_is_the_torch_update_bit_for_bit(kernel, state_dtype):
+    torch_update, names, vectors, numbers = UPDATES[kernel]
+    lists = dict(params=tensors(0), grads=tensors(1))
+    for index, name in enumerate(names[2:]):
+        values = tensors(2 + index, 0.1)
+        lists[name] = [v.square() for v in values] if name == "nus" else [v.to(state_dtype) for v in values]
+    if "bound" in numbers:
+        numbers = dict(numbers, bound=torch.finfo(state_dtype).max)
+    c_group, torch_group = both_paths(lists, bf16_lists=names[2:])
+    for group in (c_group, torch_group):
+        update(group, kernel, torch_update, names, vectors(), numbers)
+    assert_same_bits(c_group, torch_group)
+    assert not all(torch.equal(a, b) for a, b in zip(c_group.lists["params"], tensors(0)))  # it did update
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_a_momentum_that_would_overflow_stays_at_its_dtypes_largest_value(state_dtype):
+    # beta m + (1 - beta) g of values near float32's largest may round past it; here it is 1.1 times it. Inf there
+    # would make the "snr" scale Inf / Inf and STAM's mu / nu Inf / Inf: a NaN parameter from finite inputs.
+    largest = torch.finfo(state_dtype).max
+    lists = dict(params=[torch.zeros(40000)], grads=[torch.full((40000,), BIG)],
+                 momenta=[torch.full((40000,), largest, dtype=state_dtype)])
+    c_group, torch_group = both_paths(lists, bf16_lists=["momenta"])
+    numbers = dict(decay=1.0, sign_momentum=0.5, grad_weight=0.6, interpolation=0.5, interpolation_grad_weight=0.6,
+                   bound=largest)
+    for group in (c_group, torch_group):
+        update(group, "sign_step", stac._sign_step, ["params", "grads", "momenta"], dict(lr=1e-3), numbers)
+    assert_same_bits(c_group, torch_group)
+    assert torch.equal(c_group.lists["momenta"][0], torch.full((40000,), largest, dtype=state_dtype))
+
+
+READS = {
+    "stam_lite_moments": (stam_lite._stam_lite_sums, ["grads"], (),
+                          lambda g: (g.double().sum(), g.double().square().sum())),
+    "stam_moments": (stam._stam_sums, ["grads", "mus"], (),
+                     lambda g, mu: ((g.double() - mu.double()).square().sum(), (g.double() - mu.double()).abs().sum())),
+    "snr_moments": (stac._snr_sums, ["grads", "momenta"], (0.9, -0.1, BIG),
+                    lambda g, m: (g.double().square().sum(), (m * 0.9 + g * -0.1).double().abs().sum())),
+}
+
+
+@pytest.mark.parametrize("kernel", list(READS))
+def test_reads_are_float64_sums_with_the_same_bits_on_any_thread_count(kernel):
+    torch_sums, names, numbers, expected = READS[kernel]
+    lists = {"params": tensors(9), "grads": tensors(0, 3.0), **{name: tensors(1) for name in names[1:]}}
+    c_group, torch_group = both_paths(lists)
+    sums = read_sums(c_group, kernel, names, torch_sums, numbers).sums
+    reference = torch.tensor([[float(s) for s in expected(*ts)] for ts in zip(*[lists[n] for n in names])],
+                             dtype=torch.float64)
+    # STAMLite's and the "snr" sums add float32 blocks of 256 values in double: float32's precision.
+    tolerance = 1e-12 if kernel == "stam_moments" else 1e-6
+    torch.testing.assert_close(sums, reference, rtol=tolerance, atol=1e-9 if kernel == "stam_moments" else 1e-4)
+    torch.testing.assert_close(read_sums(torch_group, kernel, names, torch_sums, numbers).sums, reference,
+                               rtol=1e-12, atol=1e-9)
     threads = torch.get_num_threads()
-    for name, inputs in (("stam_lite_moments", [grads]), ("stam_moments", [grads, mus])):
-        sums = moments(name, *inputs)
-        torch.testing.assert_close(sums, torch.tensor(expected[name], dtype=torch.float64), rtol=1e-12, atol=1e-9)
-        try:
-            torch.set_num_threads(1)
-            assert torch.equal(moments(name, *inputs), sums)
-        finally:
-            torch.set_num_threads(threads)
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(read_sums(c_group, kernel, names, torch_sums, numbers).sums, sums)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def test_the_sums_are_finite_exactly_when_every_value_is():
-    huge = torch.full((40000,), 3e38)  # finite; its float32 sum and square overflow
-    assert moments("stam_lite_moments", [huge]).isfinite().all()
-    assert moments("stam_moments", [huge], [-huge]).isfinite().all()
+@pytest.mark.parametrize("path", [True, False], ids=["cpu", "per_tensor"])
+def test_a_read_is_finite_exactly_when_every_value_is(path):
+    huge = torch.full((40000,), BIG)  # finite; its float32 sum and square overflow
+    group = GroupTensors(path, dict(grads=[huge, -huge]))
+    assert not read_finite(group).nonfinite
+    read = read_sums(group, "stam_lite_moments", ["grads"], stam_lite._stam_lite_sums)
+    assert not read.nonfinite
+    torch.testing.assert_close(read.means()[1], torch.full((2,), BIG * BIG, dtype=torch.float64), rtol=1e-12, atol=0)
     for bad in (float("nan"), float("inf"), float("-inf")):
         grad = torch.ones(40000)
         grad[-1] = bad
-        assert not moments("stam_lite_moments", [grad]).isfinite().all(), bad
-        assert not moments("stam_moments", [grad], [torch.zeros(40000)]).isfinite().all(), bad
+        group = GroupTensors(path, dict(grads=[torch.ones(3), grad, torch.zeros(0)]))
+        assert read_finite(group).nonfinite, bad
+        assert read_sums(group, "stam_lite_moments", ["grads"], stam_lite._stam_lite_sums).nonfinite, bad
 
 
-KEYS = ("beta1", "step")
+def test_the_c_path_takes_only_plain_contiguous_float32_cpu_tensors_and_bf16_state_where_allowed():
+    good = [torch.zeros(3), torch.zeros(2, 2)]
+    assert GroupTensors(True, dict(params=good, grads=good)).path == "cpu"
+    assert GroupTensors(False, dict(params=good, grads=good)).path == "per_tensor"
+    bf16 = [t.bfloat16() for t in good]
+    assert GroupTensors(True, dict(params=good, grads=good, mus=bf16), bf16_lists=["mus"]).path == "cpu"
+    for lists in (dict(params=good, grads=good, mus=bf16), dict(params=good, grads=[good[0], good[1].double()]),
+                  dict(params=good, grads=[good[0], torch.zeros(2, 2).t()]),
+                  dict(params=good, grads=[good[0], torch.zeros(2, 2).as_subclass(SubclassOfTensor)])):
+        assert GroupTensors(True, lists, bf16_lists=()).path == "foreach", lists
 
 
-def states_of(count, dtype=torch.float32):
-    return [dict(beta1=torch.tensor(0.5 + i, dtype=dtype), step=torch.tensor(10.0 * i, dtype=dtype))
-            for i in range(count)]
+class SubclassOfTensor(torch.Tensor):
+    pass
 
 
 def test_the_statistics_table_holds_the_states_numbers_as_views_of_one_matrix():
-    states = states_of(3)
-    table = _cpu_kernels.StatisticsTable(KEYS)
+    states = [dict(beta1=torch.tensor(0.5 + i), step=torch.tensor(10.0 * i)) for i in range(3)]
+    table = _cpu_kernels.StatisticsTable(("beta1", "step"))
     matrix = table.bind(states)
     assert torch.equal(matrix, torch.tensor([[0.5, 1.5, 2.5], [0.0, 10.0, 20.0]]))
     matrix.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))  # what a step's store does
-    assert [state["beta1"].item() for state in states] == [1.0, 2.0, 3.0]
     assert [state["step"].item() for state in states] == [4.0, 5.0, 6.0]
     states[1]["step"].fill_(7.0)  # an entry changed in place stays a view
     assert table.bind(states) is matrix and matrix[1, 1] == 7.0
-
-
-def test_the_statistics_table_takes_in_entries_replaced_since_the_last_step():
-    states = states_of(3)
-    table = _cpu_kernels.StatisticsTable(KEYS)
-    first = table.bind(states)
-    states[2]["beta1"] = torch.tensor(9.0)  # as load_state_dict or a user would
+    states[2]["beta1"] = torch.tensor(9.0)  # replaced, as load_state_dict or a user would
     matrix = table.bind(states)
-    assert matrix is not first and matrix[0].tolist() == [0.5, 1.5, 9.0]
-    matrix[0, 2] = 8.0
-    assert states[2]["beta1"].item() == 8.0
-    more = states + states_of(1)  # a parameter joins the group
-    assert table.bind(more).shape == (2, 4)
-
-
-def test_the_statistics_table_refuses_numbers_the_c_kernels_cannot_take():
-    for states in (states_of(2, torch.float64), states_of(2, torch.bfloat16)):
-        values = [state["beta1"] for state in states]
-        assert _cpu_kernels.StatisticsTable(KEYS).bind(states) is None
-        assert all(state["beta1"] is value for state, value in zip(states, values))  # left as they were
-
-
-def test_choose_takes_only_contiguous_float32_cpu_tensors_of_matching_sizes():
-    good = [torch.zeros(3), torch.zeros(2, 2)]
-    kernels, matrix = _cpu_kernels.choose(True, [good, good], _cpu_kernels.StatisticsTable(KEYS), states_of(2))
-    assert kernels == "cpu" and matrix.shape == (2, 2)
-    assert _cpu_kernels.choose(False, [good], _cpu_kernels.StatisticsTable(KEYS), states_of(2)) == ("op_by_op", None)
-    bad_lists = ([good[:1] + [torch.zeros(4, dtype=torch.float64)]], [good[:1] + [torch.zeros(2, 2).t()]],
-                 [good, [torch.zeros(3), torch.zeros(5)]])
-    for tensor_lists in bad_lists:
-        assert _cpu_kernels.choose(True, tensor_lists, _cpu_kernels.StatisticsTable(KEYS), states_of(2)) \
-            == ("compiled", None)
-    assert _cpu_kernels.choose(True, [good], _cpu_kernels.StatisticsTable(KEYS), states_of(2, torch.bfloat16)) \
-        == ("compiled", None)
+    assert matrix[0].tolist() == [1.0, 2.0, 9.0]
+    states[0]["step"] = torch.tensor(1.0, dtype=torch.float64)
+    assert _cpu_kernels.StatisticsTable(("step",)).bind(states) is None  # not the C kernels' numbers
 
 
 def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
@@ -160,14 +183,41 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert list((tmp_path / "stac-stam").iterdir()) == built and built[0].stat().st_mtime_ns == modified
 
 
-def test_without_a_compiler_the_python_kernels_run_after_one_warning(monkeypatch, tmp_path):
+def test_a_packaged_library_is_loaded_without_a_compiler_unless_the_source_is_newer(monkeypatch, tmp_path):
+    packaged = tmp_path / "packaged.so"
+    packaged.write_bytes(_cpu_kernels._build().read_bytes())  # stands in for the one built at install time
+    monkeypatch.setattr(_cpu_kernels, "_PACKAGED", [tmp_path / "missing.so", packaged])
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(_cpu_kernels, "_library", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _cpu_kernels.available()
+    source_time = _cpu_kernels._SOURCE.stat().st_mtime
+    os.utime(packaged, (source_time - 10, source_time - 10))  # built before the source was edited
+    monkeypatch.setattr(_cpu_kernels, "_library", None)
+    with pytest.warns(RuntimeWarning, match="no-such-cc"):  # not loaded: a build is tried, and fails here
+        assert not _cpu_kernels.available()
+
+
+def test_without_a_library_the_torch_code_runs_after_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(_cpu_kernels, "_library", None)
+    monkeypatch.setattr(_cpu_kernels, "_PACKAGED", [])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    lists = dict(params=[torch.zeros(3)], grads=[torch.zeros(3)])
     with pytest.warns(RuntimeWarning, match="cannot build its CPU kernels"):
-        assert _cpu_kernels.choose(True, [[torch.zeros(3)]], _cpu_kernels.StatisticsTable(KEYS), states_of(1)) \
-            == ("compiled", None)
+        assert GroupTensors(True, lists).path == "foreach"
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the second call: no warning
-        assert _cpu_kernels.choose(True, [[torch.zeros(3)]], _cpu_kernels.StatisticsTable(KEYS), states_of(1)) \
-            == ("compiled", None)
+        warnings.simplefilter("error")  # the second time: no warning
+        assert GroupTensors(True, lists).path == "foreach"
+
+
+@pytest.mark.parametrize("scale", [1e-22, 1e17, 0.0])
+def test_the_float32_blocks_of_a_read_fall_back_to_float64_where_squares_leave_float32s_normal_range(scale):
+    # Squares of 1e-22 are far below float32's smallest normal (1.2e-38): in float32 they lose their digits.
+    grads = [scale * torch.randn(40000, generator=torch.Generator().manual_seed(0))]
+    sums = read_sums(GroupTensors(True, dict(grads=grads)), "stam_lite_moments", ["grads"],
+                     stam_lite._stam_lite_sums).sums[0]
+    g = grads[0].double()
+    torch.testing.assert_close(sums, torch.stack([g.sum(), g.square().sum()]), rtol=1e-6, atol=0)

@@ -127,12 +127,7 @@ def run_property(name, case):
                                            msg=lambda message: f"{name} state {key}: {message}")
 
 
-@pytest.mark.parametrize("name", [
-    "stac", "stac_snr", "stam",
-    pytest.param("stam_lite", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue 21: when mean(g^2) overflows float32 STAMLite keeps its old moments and divides by eps (1e20 moves a "
-        "parameter to -inf); the kernels branch fixes it"))),
-])
+@pytest.mark.parametrize("name", ["stac", "stac_snr", "stam", "stam_lite"])
 def test_finite_gradients_give_finite_parameters_and_fused_equals_op_by_op(name):
     # No shrinking: a failure prints the example as drawn, in bounded time.
     @settings(max_examples=25, derandomize=True, database=None, deadline=None,

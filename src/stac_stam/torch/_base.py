@@ -4,12 +4,13 @@ policy and checkpoints. The kernels they run are in ``_kernels.py`` and ``_cpu_k
 import copy
 import math
 import numbers
+import operator
 from collections.abc import Mapping
 
 import torch
 
 from stac_stam.partition import same_parameter_names
-from stac_stam.torch._kernels import all_true, grad_is_finite
+from stac_stam.torch._kernels import all_finite, dtensor_type
 
 # The dtypes optimizer state may be kept in (float8 has no arithmetic on most devices).
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -126,16 +127,16 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
       of a bf16 parameter stays float32.
     - ``copy.deepcopy`` and ``pickle`` keep every setting (``_settings``).
 
-    A step runs in two phases. First ``_prepare_group(group, params, grads)``
-    reads every group and changes nothing: it returns 0-d bool tensors, all
-    True when every gradient is finite (one per gradient, or one for the group
-    when a single kernel reads them all), and whatever statistics the update
-    needs. Optimizers that reduce over each tensor anyway (STAM's
-    residual moments, STAMLite's gradient moments, STAC's "snr" scale) fold the
-    finiteness test into that same read, so it costs no pass of its own; the
-    default is a finiteness read per gradient. Then, after one host sync per
-    device, ``_update_group(group, params, grads, statistics)`` changes the
-    parameters and the state.
+    A step runs in two phases (the kernel layer, ``_kernels.py``). First every
+    group's gradients are checked against their parameters, then
+    ``_prepare_group(group, params, grads)`` reads every group and changes
+    nothing: it returns ``(read, context)``, ``read`` the finiteness of the
+    gradients and the per-tensor sums the update needs (STAM's residual
+    moments, STAMLite's gradient moments, STAC's "snr" scale fold the
+    finiteness test into that one read). Then, once ``all_finite`` has decided
+    for the step (one host sync; under FSDP2 one collective per mesh, so every
+    process decides alike), ``_update_group(group, params, grads, read,
+    context)`` changes the parameters and the state.
     """
 
     # Attributes pickle and copy.deepcopy keep besides torch's defaults, state and param_groups.
@@ -221,40 +222,75 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
                                  f"be updated twice per step)")
             seen.add(param)
 
-    def _params_with_grads(self, group):
+    def _params_with_grads(self, group, group_index):
+        """The group's parameters that have a gradient, and their gradients, checked: a gradient that is sparse
+        or of another shape (assigned through ``.data``), dtype, device or kind than its parameter is refused
+        with a RuntimeError naming the parameter. A DTensor gradient sharded otherwise than its parameter is
+        redistributed to the parameter's placements."""
         params = [param for param in group["params"] if param.grad is not None]
         grads = [param.grad for param in params]
-        if any(grad.is_sparse for grad in grads):
-            names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
-            name = next(name for param, name in zip(group["params"], names)
-                        if param.grad is not None and param.grad.is_sparse)
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name!r})")
+        # Compared list against list (at C speed); a mismatch is then found and named.
+        if not set(map(operator.attrgetter("layout"), grads)) <= {torch.strided} or any(
+                list(map(get, grads)) != list(map(get, params))
+                for get in (operator.attrgetter("shape"), operator.attrgetter("dtype"), operator.attrgetter("device"),
+                            _kind)):
+            self._refuse_gradient(group, group_index)
+        dtensor = dtensor_type()
+        if dtensor is not None:
+            grads = [grad.redistribute(param.device_mesh, param.placements)
+                     if isinstance(grad, dtensor) and grad.placements != param.placements else grad
+                     for param, grad in zip(params, grads)]
         return params, grads
+
+    def _refuse_gradient(self, group, group_index):
+        for index, param in enumerate(group["params"]):
+            problem = None if param.grad is None else _gradient_problem(param, param.grad)
+            if problem is None:
+                continue
+            names = group.get("param_names")
+            name = names[index] if names else f"#{index} of param group {group_index}"
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name!r})")
+            raise RuntimeError(f"{type(self).__name__}: the gradient of parameter {name!r} {problem}; the step "
+                               f"changed nothing")
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One step. Returns the closure's loss, if a closure is given."""
+        """One step. Returns the closure's loss, if a closure is given.
+
+        All or nothing: every group's gradients are checked and read before any group changes.
+
+        ``torch.compile(optimizer.step)`` traces the torch path; give ``lr`` as a 0-d tensor (as for
+        ``torch.optim``) so a scheduler's new value is no new guard. ``fullgraph=True`` is not supported: the
+        decision to skip is taken on the host (one sync), because a skipped step is counted in the Python
+        int ``nonfinite_skipped_steps`` that ``state_dict`` carries, raises with ``error_if_nonfinite``, and
+        leaves a first step's state uncreated. A device-side decision (torch's fused AdamW and its
+        ``found_inf``) would have to apply every update through ``torch.where(finite, new, old)``, keep the
+        count in a tensor and give up the error."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with_grads = [(group, *self._params_with_grads(group)) for group in self.param_groups]
+        with_grads = [(group, *self._params_with_grads(group, index)) for index, group in enumerate(self.param_groups)]
         with_grads = [(group, params, grads) for group, params, grads in with_grads if params]
         prepared = [self._prepare_group(group, params, grads) for group, params, grads in with_grads]
-        if not all_true([flag for finite, _ in prepared for flag in finite]):
+        if prepared and not all_finite([read for read, _ in prepared]):
             if self.error_if_nonfinite:
                 raise RuntimeError(f"{type(self).__name__}: a gradient holds NaN or Inf; parameters and state "
                                    "were left unchanged (error_if_nonfinite=True)")
             self.nonfinite_skipped_steps += 1
             return loss
-        for (group, params, grads), (_, statistics) in zip(with_grads, prepared):
-            self._update_group(group, params, grads, statistics)
+        for (group, params, grads), (read, context) in zip(with_grads, prepared):
+            self._update_group(group, params, grads, read, context)
         return loss
 
     def _prepare_group(self, group, params, grads):
-        return grad_is_finite.map(self.fused, [(grad,) for grad in grads], [{}] * len(grads)), None
+        """The group's read phase, changing nothing: ``(read, context)``, ``read`` a ``_kernels.Read``."""
+        raise NotImplementedError
 
-    def _update_group(self, group, params, grads, statistics):
+    def _update_group(self, group, params, grads, read, context):
+        """The group's update, once every read is finite on every process (``read``'s sums are whole-tensor
+        sums by then)."""
         raise NotImplementedError
 
     def _states(self, group, params):
@@ -399,3 +435,23 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
             raise ValueError(f"checkpoint nonfinite_skipped_steps must be one integer >= 0, got "
                              f"{counts or count!r}")
         return count
+
+
+def _gradient_problem(param, grad):
+    """What makes ``grad`` unfit for ``param`` (a phrase), or None."""
+    if grad.layout != torch.strided:
+        return f"has layout {grad.layout}; only dense gradients are supported"
+    if grad.shape != param.shape:
+        return f"has shape {tuple(grad.shape)}, the parameter {tuple(param.shape)}"
+    if grad.dtype != param.dtype:
+        return f"has dtype {grad.dtype}, the parameter {param.dtype}"
+    if grad.device != param.device:
+        return f"is on {grad.device}, the parameter on {param.device}"
+    if _kind(grad) is not _kind(param):
+        return f"is a {type(grad).__name__}, the parameter a {type(param).__name__}"
+    return None
+
+
+def _kind(tensor):
+    """The tensor's class, a Parameter's counted as a Tensor's (a DTensor parameter's class is DTensor)."""
+    return torch.Tensor if type(tensor) is torch.nn.Parameter else type(tensor)

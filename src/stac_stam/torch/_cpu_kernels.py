@@ -1,20 +1,19 @@
-"""Hand-written multi-tensor CPU kernels (``_cpu_kernels.c``) for STAM and STAMLite, compiled on first use.
+"""The multi-tensor CPU kernels in ``_cpu_kernels.c``: loading the library and calling it.
 
-On the CPU a ``torch.compile``d kernel costs ~40 us per call and our
-per-tensor dispatch ~30-60 us more, so a model of hundreds of tensors pays
-more for calls than for memory traffic (STAM on a 195-tensor stack took 3.5x
-fused AdamW). These kernels take a whole parameter group in one call, as
-torch's fused AdamW does. They serve float32 CPU tensors; everything else
-(CUDA, 16-bit tensors, a ``torch.compile``d training step) runs the Python
-kernels. The library is built with the system's C compiler (``$CC``, else
-``cc``; ``torch.compile`` on the CPU needs one too) into
-``~/.cache/stac-stam`` (``$XDG_CACHE_HOME``), once per source and flags;
-where it cannot be built the Python kernels run, after one warning.
+The library is a plain shared object called through ctypes (no Python or
+torch headers). An installed package carries it, built at install time as the
+extension ``stac_stam.torch._cpu_kernels_lib`` (one build for every x86-64
+CPU: its loops pick AVX-512, AVX2 or the baseline at load time). A source
+checkout builds it on first use with the system's C compiler (``$CC``, else
+``cc``) into ``~/.cache/stac-stam`` (``$XDG_CACHE_HOME``), once per source and
+flags, in about a second. Where neither is possible the optimizers run their
+torch code instead, after one warning.
 """
 
 import array
 import ctypes
 import hashlib
+import importlib.machinery
 import operator
 import os
 import pathlib
@@ -26,18 +25,19 @@ import warnings
 import torch
 
 _SOURCE = pathlib.Path(__file__).with_name("_cpu_kernels.c")
-# -ffp-contract=off: no fused multiply-add, so an update rounds as the Python kernel's float32 ops do.
-_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
-_VECTOR_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-                 "AVX2": ["-mavx2", "-mfma"]}
-_library = None  # the loaded library; False once it could not be built
+_PACKAGED = [_SOURCE.with_name("_cpu_kernels_lib" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+# -ffp-contract=off: no fused multiply-add, so an update rounds as the torch code's float32 ops do. pyproject.toml
+# builds the packaged library with the same flags.
+FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+_library = None  # the loaded library; False once it could not be loaded or built
 
 
 def _build():
+    """The library built with the system's C compiler into the cache, or found there."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found (set CC)")
-    flags = _FLAGS + _VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+    flags = [*FLAGS, "-shared", "-fPIC"]
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "stac-stam"
     built = cache / f"cpu_kernels_{key}.so"
@@ -50,45 +50,41 @@ def _build():
             if result.returncode:
                 raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
             os.replace(output, built)
-    return ctypes.CDLL(str(built))
+    return built
 
 
 def _load():
     global _library
     if _library is None:
         try:
-            _library = _build()
+            # A packaged library older than the source (an editable install whose C file was edited) is stale.
+            packaged = next((path for path in _PACKAGED
+                             if path.exists() and path.stat().st_mtime >= _SOURCE.stat().st_mtime), None)
+            _library = ctypes.CDLL(str(packaged or _build()))
         except OSError as error:
-            warnings.warn(f"stac-stam cannot build its CPU kernels ({error}); STAM and STAMLite run their "
-                          f"per-tensor kernels instead", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"stac-stam cannot build its CPU kernels ({error}); its optimizers run their torch "
+                          f"code instead", RuntimeWarning, stacklevel=4)
             _library = False
     return _library or None
 
 
-def choose(fused, tensor_lists, table, states):
-    """The kernels a step of one parameter group runs, and the statistics matrix they read and write.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-    ``("cpu", matrix)`` (these kernels, one call for the group) when ``fused``, outside a ``torch.compile``
-    trace, every tensor in ``tensor_lists`` is a contiguous float32 CPU tensor, the i-th tensors of all lists
-    have one size, ``table.bind(states)`` gives a matrix (every 0-d state entry it holds is a float32 CPU
-    number) and the library is built; else ``("compiled", None)`` with ``fused`` (TensorKernel's compiled
-    forms, which raise on mismatched sizes), else ``("op_by_op", None)``."""
-    if not fused:
-        return "op_by_op", None
-    numels = list(map(torch.Tensor.numel, tensor_lists[0]))
-    takes = (not torch.compiler.is_compiling()
-             and all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
-                     for tensors in tensor_lists for t in tensors)
-             and all(list(map(torch.Tensor.numel, tensors)) == numels for tensors in tensor_lists[1:])
-             and _load() is not None)
-    matrix = table.bind(states) if takes else None
-    return ("compiled", None) if matrix is None else ("cpu", matrix)
+
+def serves(tensor):
+    """Whether the C kernels can read and write ``tensor`` through its data pointer: a contiguous plain CPU
+    tensor (a subclass, such as a DTensor, reaches its memory only through torch's dispatcher)."""
+    return type(tensor) in _PLAIN and tensor.is_cpu and tensor.is_contiguous()
+
+
+def available():
+    return _load() is not None
 
 
 def run(name, tensor_lists, vectors=(), numbers=()):
     """``name(n, numels, *tensor_lists, *vectors, *numbers, threads)`` over n tensors: each tensor list as an
-    array of data pointers, each vector (a contiguous tensor of one value per tensor, or an output) by its data
-    pointer, each number as a C float."""
+    array of data pointers, each vector (a contiguous CPU tensor of one value per tensor, or an output) by its
+    data pointer, each number as a C float."""
     # array.array, not a ctypes array: built at C speed (~4x faster for hundreds of tensors).
     arrays = [array.array("Q", map(torch.Tensor.data_ptr, tensors)) for tensors in tensor_lists]
     arrays.append(array.array("q", map(torch.Tensor.numel, tensor_lists[0])))
@@ -102,7 +98,7 @@ def run(name, tensor_lists, vectors=(), numbers=()):
 
 class StatisticsTable:
     """One parameter group's per-tensor 0-d state entries ``keys`` as views into one float32 matrix, row per
-    key and column per tensor, so the C path reads them as vectors and stores them with one copy (gathered,
+    key and column per tensor, so a step reads them as vectors and stores them with one copy (gathered,
     scattered and checked one by one they took ~1 ms of a 7 ms STAMLite step on a 195-tensor model).
 
     ``bind(states)`` returns the matrix. While the entries are the views it made (one identity test per
@@ -121,7 +117,8 @@ class StatisticsTable:
         entries = [state[key] for key in self.keys for state in states]
         if len(entries) == len(self.entries) and all(map(operator.is_, entries, self.entries)):
             return self.matrix
-        if not all(t.dtype is torch.float32 and t.is_cpu and t.dim() == 0 for t in entries):
+        if not all(type(t) is torch.Tensor and t.dtype is torch.float32 and t.is_cpu and t.dim() == 0
+                   for t in entries):
             return None
         self.matrix = torch.stack(entries).view(len(self.keys), len(states))
         self.entries = list(self.matrix.view(-1).unbind())
@@ -136,21 +133,3 @@ def statistics_table(optimizer, group, keys):
     ``Optimizer.__getstate__`` keeps only defaults, state and param_groups)."""
     tables = optimizer.__dict__.setdefault("_statistics_tables", {})
     return tables.setdefault(id(group), StatisticsTable(keys))
-
-
-def group_statistics(moments, tensor_lists, rule, saved, scalars):
-    """Phase one of a step for a whole group, changing nothing: the C kernel ``moments`` sums two numbers per
-    tensor (in float64: finite exactly when every value read is); their means and the saved per-tensor
-    numbers (``saved``: name -> vector, rows of the StatisticsTable matrix) go through ``rule(mean_a, mean_b,
-    **saved, **scalars)`` once, as vectors. Returns ``([finite], rule's vectors)``."""
-    sums = torch.empty(len(tensor_lists[0]), 2, dtype=torch.float64)
-    run(moments, tensor_lists, [sums])
-    numels = torch.tensor(list(map(torch.Tensor.numel, tensor_lists[0])), dtype=torch.float64)
-    means = (sums / numels[:, None]).float()
-    return [sums.isfinite().all()], rule(means[:, 0], means[:, 1], **saved, **scalars)
-
-
-def store_statistics(matrix, statistics):
-    """Copy the first ``len(matrix)`` vectors of ``statistics`` (one value per tensor) into the rows of
-    ``matrix``, in one copy."""
-    matrix.copy_(torch.stack(statistics[:len(matrix)]))

@@ -1,225 +1,300 @@
-"""The per-tensor kernels the library's PyTorch optimizers run: compiled, batched or op by op (``TensorKernel``),
-with their hyperparameters as tensors; the finiteness read and the helpers around the kernels' results."""
+"""The kernel layer every PyTorch optimizer of the library runs on: per parameter group, a read phase and an
+update phase, each one call over all the group's tensors.
 
-import inspect
-import types
-import warnings
+- The **read** changes nothing: it finds whether every gradient is finite and, for optimizers with per-tensor
+  statistics (STAM's residual moments, STAMLite's gradient moments, STAC's "snr" scale), two sums per tensor,
+  in float64, so no sum of float32 values overflows. It returns a ``Read``.
+- ``all_finite(reads)`` makes the step's one decision: under FSDP2 (DTensor parameters) the sums, which cover
+  this process's shard, are added over each tensor's mesh, and a non-finite value on any process skips the
+  step on every process; one collective per mesh for the whole step.
+- The **update** changes the parameters and their state, elementwise, with per-tensor numbers (vectors) that
+  the optimizer's rule computed from the read's means, and shared numbers.
+
+Paths (``GroupTensors.path``), chosen per group:
+
+- ``"cpu"``: the C kernels of ``_cpu_kernels.c``, one call per phase for the whole group: float32 parameters
+  and gradients, float32 or (where the optimizer allows) bfloat16 state, contiguous CPU tensors (a DTensor's
+  local shard qualifies), with ``fused`` (the default) outside a ``torch.compile`` trace.
+- ``"foreach"``: otherwise with ``fused``, the optimizer's torch update over lists (``torch._foreach_*``),
+  one list per device and dtype.
+- ``"per_tensor"``: ``fused=False``: the same torch update, op by op, one tensor at a time.
+
+The two implementations of each update (C and torch) are held to each other bit for bit by the tests: both
+round every float32 operation once, in the same order. A DTensor is only ever touched through its local
+tensor, never through a raw pointer of the subclass.
+"""
+
+import operator
+import sys
 
 import torch
 
-
-def _as_scalars(result):
-    """A kernel's per-tensor numbers as 0-d tensors (its 1-element hyperparameters make them 1-element)."""
-    if isinstance(result, tuple):
-        return tuple(number.view(()) for number in result)
-    return None if result is None else result.view(())
+from stac_stam.torch import _cpu_kernels
 
 
-def _compile(function, name, **options):
-    """``torch.compile(function)`` with dynamic shapes, under a code object of its own named ``name``: dynamo
-    counts recompiles (its limit is 8) per code object, and every compiled form has its own dtype variants."""
-    bound_to = getattr(function, "__self__", None)
-    function = getattr(function, "__func__", function)
-    copy = types.FunctionType(function.__code__.replace(co_name=name), function.__globals__, name,
-                              function.__defaults__, function.__closure__)
-    copy.__kwdefaults__ = function.__kwdefaults__
-    # Not fullgraph: past the recompile limit a call runs eagerly, not fails.
-    return torch.compile(copy if bound_to is None else types.MethodType(copy, bound_to), dynamic=True,
-                         options=options or None)
+_DTYPE = operator.attrgetter("dtype")
 
 
-def _has_16_bit(tensors):
-    return any(t.element_size() == 2 for t in tensors)
+def dtensor_type():
+    """``torch.distributed.tensor.DTensor`` if that module is loaded (no DTensor exists before it is)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
-def tensor_mean(values):
-    """The mean of one tensor; the ``mean`` a kernel gets when it runs on one tensor."""
-    return values.mean()
+def wide_dtype(device):
+    """The dtype of sums and per-tensor rules on ``device``."""
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-class TensorKernel:
-    """A one-tensor update or statistic, run over a list of tensors: compiled, batched or op by op.
+def compute_dtype(tensor):
+    """The dtype updates and statistics of ``tensor`` are computed in: float32, or float64 for float64."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
-    ``kernel(*elementwise, **scalars)`` either updates elementwise tensors in
-    place (the ones named in ``writes``) or reads them and returns per-tensor
-    numbers (statistics, a finiteness flag; they come back as 0-d tensors); a
-    kernel with a ``mean`` argument takes its per-tensor means through it.
-    Scalars are tensors, so a learning-rate schedule never recompiles.
 
-    ``kernel.map(fused, operands, scalars)`` runs it for every tensor
-    (``operands[i]`` the elementwise tensors, ``scalars[i]`` the scalar dict of
-    tensor i) and returns the per-tensor results. With ``fused``:
+class GroupTensors:
+    """One parameter group's tensors for one step, as the kernels take them.
 
-    - a tensor of ``compiled_min_numel`` elements or more runs through
-      ``torch.compile`` (dynamic shapes, flat views): one pass over memory, no
-      temporaries, one kernel for every size.
-    - smaller tensors of one kind run together: one compiled call on their
-      concatenation (each tensor's mean taken over its segment, per-tensor
-      scalars spread over it), copied back after. A compiled call costs
-      ~40 us and op by op a small tensor costs ~100 us (2 CPU threads, torch
-      2.13); a model of hundreds of small norms and biases pays that once.
-    - where ``torch.compile`` cannot build a kernel for a device (no C++
-      compiler, no Triton) that device runs op by op, after one warning.
-
-    Without ``fused`` (and inside a ``torch.compile``d training step, where
-    the eager code is what gets traced, and for non-contiguous tensors) each
-    tensor runs op by op.
+    ``lists`` maps names to lists of tensors, one per parameter, the first
+    list the parameters: their gradients and their state tensors of the
+    parameter's shape. A DTensor enters as its local shard; ``numels`` are
+    the whole tensors' sizes and ``shard_meshes[i]`` the mesh and the mesh
+    dimensions parameter i is sharded over (None for a plain tensor).
+    ``bf16_lists`` names the lists the C kernels also take in bfloat16.
     """
 
-    compiled_min_numel = 1 << 16
+    def __init__(self, fused, lists, bf16_lists=()):
+        params = next(iter(lists.values()))
+        self.numels = [param.numel() for param in params]
+        self.shard_meshes = None
+        dtensor = dtensor_type()
+        if dtensor is not None and any(isinstance(param, dtensor) for param in params):
+            self.shard_meshes = [(param.device_mesh, tuple(dim for dim, placement in enumerate(param.placements)
+                                                           if placement.is_shard()))
+                                 if isinstance(param, dtensor) else None for param in params]
+            lists = {name: [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+                     for name, tensors in lists.items()}
+        self.lists = lists
+        self.bf16_lists = bf16_lists
+        self.bf16 = False  # whether the bf16-capable lists hold bfloat16 (the C kernels' "_bf16" forms)
+        self.path = "per_tensor" if not fused else "cpu" if self._c_serves(bf16_lists) else "foreach"
 
-    def __init__(self, kernel, writes=(), compile_large=True):
-        self.kernel = kernel
-        self.compile_large = compile_large  # False: large tensors run op by op (few ATen ops that beat Inductor)
-        positional = list(inspect.signature(kernel).parameters)
-        self.written = [positional.index(name) for name in writes]
-        self.takes_mean = "mean" in positional
-        self.mean_argument = {"mean": tensor_mean} if self.takes_mean else {}  # for one tensor at a time
-        self.compiled = _compile(kernel, kernel.__name__)
-        self.compiled_on_segments = _compile(types.MethodType(TensorKernel._on_segments, self),
-                                             f"{kernel.__name__}_on_segments")
-        # With 512-bit vectors Inductor loads 16-bit values (bf16 state) through its partial-load path: a STAC
-        # step with bf16 momentum took 10.3 ms on 16.7M elements, 5.6 ms compiled for 256-bit vectors.
-        narrow = {"cpp.simdlen": 256} if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
-        self.compiled_narrow = _compile(kernel, f"{kernel.__name__}_narrow", **narrow)
-        self.compiled_on_segments_narrow = _compile(types.MethodType(TensorKernel._on_segments, self),
-                                                    f"{kernel.__name__}_on_segments_narrow", **narrow)
-        self.eager_devices = set()
-        self.segments = {}
+    def _c_serves(self, bf16_lists):
+        # Checked list by list with map (at C speed): a step of a 200-tensor model checks ~800 tensors.
+        if torch.compiler.is_compiling() or not _cpu_kernels.available():
+            return False
+        dtypes = {True: set(), False: set()}
+        for name, tensors in self.lists.items():
+            if not all(map(_cpu_kernels.serves, tensors)):
+                return False
+            dtypes[name in bf16_lists].update(map(_DTYPE, tensors))
+        if dtypes[False] - {torch.float32} or len(dtypes[True]) > 1 or dtypes[True] - {torch.float32, torch.bfloat16}:
+            return False
+        self.bf16 = dtypes[True] == {torch.bfloat16}
+        return True
 
-    def map(self, fused, operands, scalars):
-        results = [None] * len(operands)
+    def kernel(self, name, names):
+        """The C kernel ``name`` for the lists ``names``: its "_bf16" form where one of them holds bfloat16."""
+        return name + "_bf16" if self.bf16 and set(names) & set(self.bf16_lists) else name
+
+    def demote(self):
+        """Run this group on the torch path (its 0-d state entries are not the C kernels' float32 numbers)."""
+        if self.path == "cpu":
+            self.path = "foreach"
+
+
+class Read:
+    """A group's read: ``sums`` (float64, one row of two sums per tensor, or None for a finiteness read) and
+    ``nonfinite`` (a 0-d float64, nonzero when a value read is NaN or Inf), over this process's elements until
+    ``all_finite`` adds them over the tensors' meshes."""
+
+    def __init__(self, group, sums, nonfinite):
+        self.group, self.sums, self.nonfinite = group, sums, nonfinite
+
+    def means(self):
+        """Each tensor's two means (float64 vectors), a zero-size tensor's 0."""
+        numels = torch.tensor([max(numel, 1) for numel in self.group.numels], dtype=self.sums.dtype,
+                              device=self.sums.device)
+        means = self.sums / numels[:, None]
+        return means[:, 0], means[:, 1]
+
+
+def read_finite(group, name="grads"):
+    """Whether every tensor of ``group.lists[name]`` is finite: one read of each."""
+    tensors = group.lists[name]
+    if group.path == "cpu":
+        nonfinite = torch.empty((), dtype=torch.float64)
+        _cpu_kernels.run("finite_read", [tensors], [nonfinite])
+        return Read(group, None, nonfinite)
+    # The largest |value| of each (NaN when one is NaN); an empty tensor has none, and nothing non-finite.
+    nonempty = [t for t in tensors if t.numel()]
+    largest = torch._foreach_norm(nonempty, ord=float("inf")) if nonempty else [tensors[0].new_zeros(())]
+    device = largest[0].device
+    largest = torch.stack([number.to(device=device, dtype=wide_dtype(device)) for number in largest])
+    return Read(group, None, (~largest.isfinite()).any().to(largest.dtype))
+
+
+def read_sums(group, c_kernel, names, torch_sums, numbers=()):
+    """Two sums per tensor, from the C kernel ``c_kernel`` over the lists ``names`` (with ``numbers`` after
+    them) or from ``torch_sums(*tensors, *numbers)`` (the tensors of one parameter, in ``names``' order; returns
+    a float64 vector of two)."""
+    lists = [group.lists[name] for name in names]
+    if group.path == "cpu":
+        sums = torch.empty(len(lists[0]), 2, dtype=torch.float64)
+        _cpu_kernels.run(group.kernel(c_kernel, names), lists, [sums], numbers)
+    else:
+        device = lists[0][0].device
+        sums = torch.stack([torch_sums(*tensors, *numbers).to(device) for tensors in zip(*lists)])
+    return Read(group, sums, (~sums.isfinite()).any().to(sums.dtype))
+
+
+def all_finite(reads):
+    """The step's decision: True when every value every read saw, on every process, is finite.
+
+    Under FSDP2 each read's sums of DTensor parameters are added over the processes holding the tensor's
+    other shards (a replicated mesh dimension contributes one copy), and the non-finite flags of every read
+    over all of them, with one ``all_reduce`` per mesh dimension for the whole step. One host sync."""
+    flag = torch.stack([read.nonfinite.to(reads[0].nonfinite.device) for read in reads]).sum()
+    meshes = {}  # mesh -> [(read, row, shard dims)], in the order every process builds it
+    for read in reads:
+        for row, entry in enumerate(read.group.shard_meshes or ()):
+            if entry is not None:
+                meshes.setdefault(entry[0], []).append((read, row, entry[1]))
+    for mesh, rows in meshes.items():
+        flag = _reduce_over_mesh(mesh, rows, flag)
+    return not bool(flag)
+
+
+def _reduce_over_mesh(mesh, rows, flag):
+    import torch.distributed as dist
+
+    device = torch.device(mesh.device_type)
+    with_sums = [(read, row, dims) for read, row, dims in rows if read.sums is not None]
+    packed = torch.cat([flag.to(device=device, dtype=torch.float64).view(1)]
+                       + [read.sums[row].to(device=device, dtype=torch.float64) for read, row, _ in with_sums])
+    for dim in range(mesh.ndim):
+        # A row replicated over this dimension is taken from its first coordinate only; the flag from all.
+        if mesh.get_local_rank(dim) != 0:
+            keep = torch.tensor([1.0] + [float(d) for _, _, dims in with_sums for d in (dim in dims, dim in dims)],
+                                dtype=torch.float64, device=device)
+            packed.mul_(keep)
+        dist.all_reduce(packed, group=mesh.get_group(dim))
+    for index, (read, row, _) in enumerate(with_sums):
+        read.sums[row] = packed[1 + 2 * index:3 + 2 * index].to(read.sums.device)
+    return packed[0]
+
+
+class TensorStatistics:
+    """A group's per-tensor 0-d state entries ``keys``: read as float64 vectors, stored back from vectors.
+
+    On the C path they are rows of the group's StatisticsTable matrix; a group whose entries are not float32
+    CPU numbers is moved to the torch path (``group.demote()``)."""
+
+    def __init__(self, group, states, keys, table):
+        self.keys, self.states = keys, states
+        self.matrix = table.bind(states) if group.path == "cpu" else None
+        if self.matrix is None:
+            group.demote()
+
+    def values(self, device):
+        if self.matrix is not None:
+            return dict(zip(self.keys, self.matrix.to(wide_dtype(device))))
+        return {key: torch.stack([state[key] for state in self.states]).to(device=device, dtype=wide_dtype(device))
+                for key in self.keys}
+
+    def largest(self, device):
+        """The largest finite value each entry's dtype holds (one number, or a vector: one per tensor)."""
+        if self.matrix is not None:
+            return largest_finite(torch.float32)
+        return torch.tensor([largest_finite(state[self.keys[0]].dtype) for state in self.states],
+                            dtype=wide_dtype(device), device=device)
+
+    def store(self, values):
+        """Store ``values[key]`` (one number per tensor) into each state's entry, in one copy."""
+        if self.matrix is not None:
+            self.matrix.copy_(torch.stack([values[key] for key in self.keys]))
+            return
+        torch._foreach_copy_([state[key] for key in self.keys for state in self.states],
+                             [number for key in self.keys for number in values[key].unbind()])
+
+
+def update(group, c_kernel, torch_update, names, vectors=None, numbers=None):
+    """Run a group's update: the C kernel ``c_kernel`` (lists ``names``, then ``vectors``, then ``numbers``, in
+    their order) or ``torch_update(*lists, **vectors, **numbers)``.
+
+    ``vectors`` map names to one number per tensor (a vector), or to one number for every tensor; the torch
+    update gets them as lists of 0-d tensors in each tensor's compute dtype, or as that one number."""
+    vectors, numbers = vectors or {}, numbers or {}
+    lists = [group.lists[name] for name in names]
+    if group.path == "cpu":
+        per_tensor = [torch.full((len(lists[0]),), float(value)) if _is_one_number(value)
+                      else value.to(device="cpu", dtype=torch.float32).contiguous() for value in vectors.values()]
+        _cpu_kernels.run(group.kernel(c_kernel, names), lists, per_tensor, [float(value) for value in numbers.values()])
+        written = [tensor for tensors in lists for tensor in tensors if tensor.numel()]
+        torch.autograd.graph.increment_version(written)  # as torch's in-place ops do: autograd sees the change
+        return
+    if group.path == "per_tensor":
+        batches = [[index] for index in range(len(lists[0]))]
+    else:
         batches = {}
-        for index, (tensors, values) in enumerate(zip(operands, scalars)):
-            batchable = (fused and not torch.compiler.is_compiling()
-                         and 0 < tensors[0].numel() < self.compiled_min_numel
-                         and all(t.is_contiguous() for t in tensors))
-            if batchable:  # the scalars' kind follows the tensors'
-                batches.setdefault(tuple((t.device, t.dtype) for t in tensors), []).append(index)
-            else:
-                results[index] = self._one(fused, tensors, values)
-        for indices in batches.values():
-            if len(indices) == 1:
-                results[indices[0]] = self._eager(operands[indices[0]], scalars[indices[0]])
-                continue
-            batch_results = self._batch([operands[i] for i in indices], [scalars[i] for i in indices])
-            for index, result in zip(indices, batch_results):
-                results[index] = result
-        return results
-
-    def map_statistics(self, fused, operands, scalars):
-        """``map`` for a statistics kernel whose first number is the tensor's finiteness flag: returns the flags
-        and, per tensor, the other numbers."""
-        results = self.map(fused, operands, scalars)
-        return [flag for flag, *_ in results], [numbers for _, *numbers in results]
-
-    def _eager(self, tensors, values):
-        return _as_scalars(self.kernel(*tensors, **values, **self.mean_argument))
-
-    def _one(self, fused, tensors, values):
-        device = tensors[0].device.type
-        if (not fused or not self.compile_large or device in self.eager_devices or torch.compiler.is_compiling()
-                or tensors[0].numel() < self.compiled_min_numel or not all(t.is_contiguous() for t in tensors)):
-            return self._eager(tensors, values)
-        flat = [t.view(-1) for t in tensors]
-        # 0-d tensors go in as 1-element views: compiled for float64 on the CPU, Inductor drops writes to 0-d inputs.
-        ones = {name: value.view(1) if value.dim() == 0 else value for name, value in values.items()}
-        compiled = self.compiled_narrow if _has_16_bit(tensors) else self.compiled
-        try:
-            return _as_scalars(compiled(*flat, **ones, **self.mean_argument))
-        except torch._dynamo.exc.BackendCompilerFailed as error:  # raised before the kernel touches memory
-            self._fall_back_to_eager(device, error)
-            return self._eager(tensors, values)
-
-    def _fall_back_to_eager(self, device, error):
-        warnings.warn(f"torch.compile cannot build the {self.kernel.__name__} kernel on {device} ({error}); "
-                      f"running it op by op (pass fused=False to choose that)", RuntimeWarning, stacklevel=5)
-        self.eager_devices.add(device)
-
-    def _batch(self, operands, scalars):
-        """Small tensors of one kind as one flat batch, in one compiled call (op by op where that cannot be
-        built), copied back after."""
-        device = operands[0][0].device
-        sizes = [tensors[0].numel() for tensors in operands]
-        if (device, *sizes) not in self.segments:  # the same tensors come back every step
-            counts = torch.tensor(sizes, device=device)
-            self.segments[device, *sizes] = (torch.repeat_interleave(torch.arange(len(sizes), device=device), counts),
-                                             counts)
-        segment, counts = self.segments[device, *sizes]
-        flat = [torch.cat([tensors[position].view(-1) for tensors in operands]) for position in range(len(operands[0]))]
-        shared, per_tensor = {}, {}
-        for name, first in scalars[0].items():
-            if all(values[name] is first for values in scalars):
-                shared[name] = first
-            else:
-                per_tensor[name] = torch.stack([values[name] for values in scalars])
-        result = None
-        if device.type not in self.eager_devices:
-            try:
-                compiled = self.compiled_on_segments_narrow if _has_16_bit(flat) else self.compiled_on_segments
-                result = compiled(*flat, segment=segment, counts=counts, shared=shared, per_tensor=per_tensor)
-            except torch._dynamo.exc.BackendCompilerFailed as error:  # raised before the kernel touches memory
-                self._fall_back_to_eager(device.type, error)
-        if device.type in self.eager_devices:
-            result = self._on_segments(*flat, segment=segment, counts=counts, shared=shared, per_tensor=per_tensor)
-        for position in self.written:
-            torch._foreach_copy_([tensors[position].view(-1) for tensors in operands], flat[position].split(sizes))
-        if result is None:
-            return [None] * len(operands)
-        # One value per tensor (a number for the whole batch, like the finiteness flag, is every tensor's).
-        numbers = [number.expand(len(sizes)).unbind() for number in (result if isinstance(result, tuple) else (result,))]
-        return list(zip(*numbers)) if isinstance(result, tuple) else list(numbers[0])
-
-    def _on_segments(self, *flat, segment, counts, shared, per_tensor):
-        """The kernel on a flat batch whose element i belongs to tensor ``segment[i]``. A kernel with a
-        ``mean`` (a statistic) gets each tensor's mean and its per-tensor scalars as one value per tensor; an
-        update gets the per-tensor scalars at every element of their tensor."""
-        if self.takes_mean:
-            def mean(values):
-                # segment_reduce sums in a fixed order (a compiled index_add_ races: not deterministic), one element
-                # after another, so in float64 (MPS has none): in float32 a sum of 60K elements is off by ~1e-5.
-                wide = torch.float32 if values.device.type == "mps" else torch.float64
-                sums = torch.segment_reduce(values.to(wide), "sum", lengths=counts)
-                return (sums / counts).to(values.dtype)
-            return self.kernel(*flat, **shared, **per_tensor, mean=mean)
-        return self.kernel(*flat, **shared, **{name: values[segment] for name, values in per_tensor.items()})
+        for index, tensors in enumerate(zip(*lists)):
+            batches.setdefault(tuple((t.device, t.dtype) for t in tensors), []).append(index)
+        batches = list(batches.values())
+    for indices in batches:
+        first = lists[0][indices[0]]
+        dtype = compute_dtype(first)
+        batch_vectors = {name: value if _is_one_number(value)
+                         else value[indices].to(device=first.device, dtype=dtype).unbind()
+                         for name, value in vectors.items()}
+        torch_update(*[[tensors[i] for i in indices] for tensors in lists], **batch_vectors, **numbers)
 
 
-def _grad_is_finite(grad):
-    if not grad.numel():  # an empty gradient has no min or max, and nothing that is not finite
-        return torch.ones((), dtype=torch.bool, device=grad.device)
-    return torch.isfinite(torch.stack(torch.aminmax(grad))).all()  # a NaN shows in both, an Inf in one
+def _is_one_number(value):
+    return not torch.is_tensor(value) or value.dim() == 0
 
 
-# A large gradient runs ATen's aminmax: one multithreaded read that allocates nothing, and faster than the
-# compiled reduction (a STAC step on 4 x 4096^2 took 38.8 ms with it, 48.1 ms with the compiled form).
-grad_is_finite = TensorKernel(_grad_is_finite, compile_large=False)
+def widened(tensors, dtype):
+    """``tensors`` in ``dtype`` (the same tensors where they have it, float copies where not)."""
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def store_tensor_statistics(states, keys, statistics):
-    """Copy each tensor's new 0-d statistics (the first ``len(keys)`` of its numbers, in ``keys``' order) into
-    its state, in one foreach call."""
-    torch._foreach_copy_([state[key] for state in states for key in keys],
-                         [number for numbers in statistics for number in numbers[:len(keys)]])
+def write_back(tensors, values):
+    """Copy ``values`` into ``tensors`` where they are copies (``widened``'s), rounding to the tensors' dtype."""
+    copies = [(tensor, value) for tensor, value in zip(tensors, values) if tensor is not value]
+    if copies:
+        torch._foreach_copy_(*map(list, zip(*copies)))
 
 
-def all_true(flags):
-    """Whether every 0-d bool tensor in ``flags`` is True, with one host sync per device."""
-    by_device = {}
-    for flag in flags:
-        by_device.setdefault(flag.device, []).append(flag)
-    return all(bool(torch.stack(on_device).all()) for on_device in by_device.values())
+def saturate_(tensors, bound):
+    """Clamp ``tensors`` into [-bound, bound] in place: a momentum that would overflow stays finite."""
+    torch._foreach_clamp_min_(tensors, -bound)
+    torch._foreach_clamp_max_(tensors, bound)
 
 
-def scalar_tensors(**values):
-    """Hyperparameters as 1-element tensors, the form TensorKernel wants: ``scalars(device, dtype)`` gives the
-    dict, built once per device and dtype (a step over tensors of several kinds makes each dict once)."""
-    built = {}
+def sqrt_(tensors):
+    """Square roots in place, each rounded once on the CPU, as the C kernels' ``sqrtf``: torch's vectorized
+    float32 ``sqrt`` there is off by an ulp for ~0.7% of values (torch 2.13, AVX-512). A float32 value's
+    square root taken in float64 rounds to the correct float32 one."""
+    if tensors[0].dtype == torch.float32 and tensors[0].is_cpu:
+        torch._foreach_copy_(tensors, torch._foreach_sqrt([t.double() for t in tensors]))
+    else:
+        torch._foreach_sqrt_(tensors)
 
-    def scalars(device, dtype):
-        if (device, dtype) not in built:
-            built[device, dtype] = {name: torch.tensor([value], dtype=dtype, device=device)
-                                    for name, value in values.items()}
-        return built[device, dtype]
 
-    return scalars
+def traced_number(value):
+    """A param group's number (one a scheduler may cycle: OneCycleLR's betas[0]) as a 0-d float64 tensor inside a
+    ``torch.compile`` trace, else as it is. Traced as a Python float it would be specialized: a guard and a new
+    compile for every value, and (torch 2.13, Inductor) a stale value in ``torch.where``."""
+    if torch.compiler.is_compiling() and not torch.is_tensor(value):
+        return torch.zeros((), dtype=torch.float64) + value
+    return value
+
+
+def one_minus_power(base, exponent):
+    """``1 - base ** exponent`` (a bias correction), exact for ``base`` near 1, ``exponent`` a float64 vector.
+    ``base`` (a number from the param group, which a scheduler may cycle) enters as a tensor: Python math on it
+    would make a compiled step guard on its value and compile again for every new one."""
+    base = exponent.new_zeros(()) + base  # (torch.as_tensor(base) would guard on it too)
+    return -torch.expm1(exponent * torch.log(base))
+
+
+def largest_finite(dtype):
+    return torch.finfo(dtype).max

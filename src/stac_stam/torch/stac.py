@@ -1,7 +1,6 @@
 """STAC for PyTorch: a SignSGD trunk and an AdamW cap."""
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Mapping
 
@@ -12,7 +11,10 @@ from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import partition_trainable_layers, same_parameter_names
 from stac_stam.torch._base import (SkipNonfiniteOptimizer, check_flag, check_names, check_pair, check_range,
                                    require_keys, resolve_state_dtype)
-from stac_stam.torch._kernels import TensorKernel, scalar_tensors, store_tensor_statistics
+from stac_stam.torch._cpu_kernels import statistics_table
+from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, largest_finite,
+                                      one_minus_power, read_finite, read_sums, saturate_, traced_number, update,
+                                      wide_dtype, widened, write_back)
 
 # Seed 000's argument names and the current names they stand for.
 ALIASES = {
@@ -31,61 +33,57 @@ def _adamw_fusable(param):
     return param.device.type in _FUSED_ADAMW_DEVICES and param.is_floating_point()
 
 
-# State entries that are one number per tensor (in the order _snr_statistics returns their new values); every
-# other state tensor has its parameter's shape.
+# State entries that are one number per tensor (in the order snr_rule returns their new values); every other
+# state tensor has its parameter's shape.
 TENSOR_STATISTICS = ("grad_sq_mean", "step")
 
 
-def _sign_tensor_step(param, grad, momentum, *, lr, decay, sign_momentum, grad_weight, interpolation,
-                      interpolation_grad_weight):
-    dtype = sign_momentum.dtype  # float32, or float64 for float64 parameters
-    old_momentum, grad = momentum.to(dtype), grad.to(dtype)
-    direction = old_momentum * interpolation + grad * interpolation_grad_weight
-    momentum.copy_(old_momentum * sign_momentum + grad * grad_weight)
-    param.mul_(decay).sub_(lr * torch.sign(direction))
+def _sign_step(params, grads, momenta=None, *, lr, decay, sign_momentum=None, grad_weight=None, interpolation=None,
+               interpolation_grad_weight=None, bound=None):
+    """The trunk's update over lists (``torch._foreach_*``); the C kernels ``sign_step``/``plain_sign_step`` do
+    the same float32 operations. ``lr``: one number, or one 0-d tensor per tensor."""
+    dtype = compute_dtype(params[0])
+    p, g = widened(params, dtype), widened(grads, dtype)
+    if momenta is None:  # plain signSGD
+        direction = g
+    else:
+        m = widened(momenta, dtype)
+        direction = torch._foreach_add(torch._foreach_mul(m, interpolation),
+                                       torch._foreach_mul(g, interpolation_grad_weight))
+        torch._foreach_mul_(m, sign_momentum)
+        torch._foreach_add_(m, torch._foreach_mul(g, grad_weight))
+        saturate_(m, bound)
+        write_back(momenta, m)  # a 16-bit momentum rounded back
+    step = torch._foreach_sign(direction)
+    torch._foreach_mul_(step, lr)
+    torch._foreach_mul_(p, decay)
+    torch._foreach_sub_(p, step)
+    write_back(params, p)
 
 
-def _snr_statistics(momentum, grad, *, grad_sq_mean, step, lr, sign_momentum, grad_weight, log_sign_momentum, b2,
-                    one_minus_b2, log_b2, eps, mean):
-    # One read of g and m; the new statistics and the scaled rate, none of the state changed. A kernel of its own:
-    # inside the update's loop, Inductor would evaluate the scalar rate once per vector (2x the time).
-    dtype = sign_momentum.dtype
-    g = grad.to(dtype)
-    new_momentum = momentum.to(dtype) * sign_momentum + g * grad_weight
+def _snr_sums(grad, momentum, sign_momentum, grad_weight, bound):
+    # Over one tensor: sum(g^2) and sum(|m'|), m' the momentum the update will store (before its rounding to a
+    # 16-bit dtype), as the C kernel snr_moments sums them.
+    dtype, wide = compute_dtype(grad), wide_dtype(grad.device)
+    new_momentum = (momentum.to(dtype) * sign_momentum + grad.to(dtype) * grad_weight).clamp_(-bound, bound)
+    return torch.stack([grad.to(wide).square().sum(), new_momentum.abs().sum(dtype=wide)])
+
+
+def snr_rule(grad_sq_sum_mean, momentum_abs_mean, *, grad_sq_mean, step, lr, sign_momentum, b2, eps, largest):
+    """The "snr" scale's per-tensor numbers (float64 vectors, one value per tensor), from this step's mean(g^2)
+    and mean(|m|): the new ``grad_sq_mean`` (stored saturated at ``largest``, its dtype's largest value, where
+    it overflows that dtype; this step's scale uses the float64 value), the new ``step`` and the scaled rate
+    ``lr * s``."""
     new_step = step + 1
-    new_grad_sq_mean = b2 * grad_sq_mean + one_minus_b2 * mean(g.square())
-    # -expm1(t log x) = 1 - x^t, the bias corrections of m and of mean(g^2)
-    momentum_size = mean(new_momentum.abs()) / -torch.expm1(new_step * log_sign_momentum)
-    rms = (new_grad_sq_mean / -torch.expm1(new_step * log_b2)).sqrt() + eps
-    return torch.isfinite(grad).all(), new_grad_sq_mean, new_step, lr * momentum_size / rms
+    new_grad_sq_mean = b2 * grad_sq_mean + (1 - b2) * grad_sq_sum_mean
+    momentum_size = momentum_abs_mean / one_minus_power(sign_momentum, new_step)  # the bias corrections
+    rms = (new_grad_sq_mean / one_minus_power(b2, new_step)).sqrt() + eps
+    return torch.clamp(new_grad_sq_mean, max=largest), new_step, lr * momentum_size / rms
 
 
-def _plain_sign_tensor_step(param, grad, *, lr, decay):
-    param.mul_(decay).sub_(lr * torch.sign(grad))
-
-
-_sign_kernel = TensorKernel(_sign_tensor_step, writes=("param", "momentum"))
-_plain_sign_kernel = TensorKernel(_plain_sign_tensor_step, writes=("param",))
-_snr_statistics_kernel = TensorKernel(_snr_statistics)
-
-
-def snr_statistics(grads, states, *, lr, sign_momentum, b2, eps, maximize, fused):
-    """Phase one of a trunk step with ``sign_step_scale="snr"``: per tensor, whether g is finite, the new
-    ``grad_sq_mean`` and ``step``, and the scaled rate, from one read of g and m; changes nothing."""
-    # Complements and logarithms are taken in Python's float64, where they are exact enough.
-    scalars = scalar_tensors(lr=lr, sign_momentum=sign_momentum,
-                             grad_weight=(-1.0 if maximize else 1.0) * (1.0 - sign_momentum),
-                             log_sign_momentum=math.log(sign_momentum), b2=b2, one_minus_b2=1.0 - b2,
-                             log_b2=math.log(b2), eps=eps)
-    return _snr_statistics_kernel.map_statistics(
-        fused, [(state["momentum_buffer"], grad) for grad, state in zip(grads, states)],
-        [dict(grad_sq_mean=state["grad_sq_mean"], step=state["step"],
-              **scalars(state["step"].device, state["step"].dtype)) for state in states])
-
-
-def sign_update(params, grads, states, snr_numbers, *, lr, sign_momentum, sign_interpolation, weight_decay,
-                maximize, fused):
-    """The trunk's update, in place, one tensor at a time.
+def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolation, sign_step_scale, snr_b2,
+                snr_eps, weight_decay, maximize):
+    """The trunk's update, in place, over a parameter group (``tensors``, a ``GroupTensors``).
 
     For each parameter p with gradient g (negated when ``maximize``)::
 
@@ -99,37 +97,39 @@ def sign_update(params, grads, states, snr_numbers, *, lr, sign_momentum, sign_i
     update (Chen et al., 2023), which weights the fresh gradient more. The
     "snr" scale s is the tensor's bias-corrected momentum size over its
     gradient RMS: about 1 where the gradient is consistent, well below 1 where
-    it is noise, the size AdamW's normalized step has on average.
+    it is noise, the size AdamW's normalized step has on average. Its two
+    means come from ``read`` (``read_snr``: one read of g and m, over the whole
+    tensor under FSDP2), ``v`` and ``t`` from ``statistics`` (the 0-d state
+    entries ``grad_sq_mean`` and ``step``), stored back here.
 
-    ``states`` are the parameters' state dicts: ``momentum_buffer`` (none when
-    ``sign_momentum == 0``: textbook signSGD, ``p <- p - lr * sign(g)``), and
-    with "snr" the 0-d ``grad_sq_mean`` (v) and ``step`` (t), whose new values
-    and the scaled rate ``lr * s`` come in ``snr_numbers`` (from
-    ``snr_statistics()``, one read of g and m; None without "snr"). A
-    low-precision momentum is updated in float32 and stored back in its dtype.
-    With ``fused`` each large tensor is one compiled pass reading p, g, m and
-    writing p, m (20 bytes per float32 parameter, 16 with a bf16 m, 12 without
-    m) and allocating nothing, and small tensors run as one compiled batch (see
-    ``TensorKernel``); otherwise the same code runs op by op.
+    State: ``momentum_buffer`` (none when ``sign_momentum == 0``: textbook
+    signSGD, ``p <- p - lr * sign(g)``), stored in its own dtype (a 16-bit
+    momentum is updated in float32 and rounded back) and kept within that
+    dtype's finite range. On float32 CPU tensors the update is one C call for
+    the group reading p, g, m and writing p, m (20 bytes per parameter, 16 with
+    a bf16 m, 12 without m).
     """
     grad_sign = -1.0 if maximize else 1.0
-    values = dict(lr=lr, decay=1.0 - lr * weight_decay)
-    if sign_momentum == 0.0:  # sign(-g) = -sign(g): maximizing flips the step
-        kernel, values["lr"] = _plain_sign_kernel, grad_sign * lr
-    else:
-        if sign_interpolation is None:
-            sign_interpolation = sign_momentum
-        values.update(sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum),
-                      interpolation=sign_interpolation,
-                      interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation))
-        kernel = _sign_kernel
-    step_scalars = scalar_tensors(**values)
-    scalars = [step_scalars(param.device, torch.promote_types(param.dtype, torch.float32)) for param in params]
-    if snr_numbers is not None:
-        store_tensor_statistics(states, TENSOR_STATISTICS, snr_numbers)
-        scalars = [dict(values, lr=scaled_lr) for values, (_, _, scaled_lr) in zip(scalars, snr_numbers)]
-    kernel.map(fused, [(param, grad, *((state["momentum_buffer"],) if "momentum_buffer" in state else ()))
-                       for param, grad, state in zip(params, grads, states)], scalars)
+    decay = 1 - lr * weight_decay
+    if "momenta" not in tensors.lists:  # sign_momentum == 0; sign(-g) = -sign(g): maximizing flips the step
+        update(tensors, "plain_sign_step", _sign_step, ["params", "grads"],
+               numbers=dict(lr=grad_sign * lr, decay=decay))
+        return
+    if sign_interpolation is None:
+        sign_interpolation = sign_momentum
+    rate = lr
+    if sign_step_scale == "snr":
+        device = read.sums.device
+        values = statistics.values(device)
+        grad_sq_mean, step, rate = snr_rule(*read.means(), **values, lr=lr, sign_momentum=sign_momentum, b2=snr_b2,
+                                            eps=snr_eps, largest=statistics.largest(device))
+        statistics.store(dict(grad_sq_mean=grad_sq_mean, step=step))
+    momentum_dtype = tensors.lists["momenta"][0].dtype
+    update(tensors, "sign_step", _sign_step, ["params", "grads", "momenta"], vectors=dict(lr=rate),
+           numbers=dict(decay=decay, sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum),
+                        interpolation=sign_interpolation,
+                        interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation),
+                        bound=largest_finite(momentum_dtype)))
 
 
 def _resolve_alias(given, current_name, current_value):
@@ -357,14 +357,12 @@ class STAC(SkipNonfiniteOptimizer):
     model=self, ...)``. Both resume from their checkpoints exactly
     (``examples/hf_trainer.py``, ``examples/lightning_module.py``).
 
-    Speed: with ``fused=True`` (the default) the trunk runs one
-    ``torch.compile``d pass per large tensor, compiled once at the first step
-    for every shape, small tensors together as one flat batch, and the cap
-    runs torch's fused AdamW kernel; the non-finite check is one read of each
-    gradient (with "snr", part of the statistics read it makes anyway).
-    ``fused=False`` runs the same trunk update op by op, tensor by tensor (no
-    compilation). Where ``torch.compile`` cannot build a kernel (no C++
-    compiler or Triton), STAC warns once and runs op by op.
+    Speed: each role is one read of every gradient (the non-finite check;
+    with "snr", the statistics read of g and m that makes it) and one update,
+    each one call over the whole group on float32 CPU tensors (the C kernels of
+    ``_kernels.py``'s "cpu" path; bf16 momentum included) and ``torch._foreach_*``
+    calls elsewhere; the cap runs torch's fused AdamW kernel. ``fused=False``
+    runs the same torch code tensor by tensor. Nothing is compiled.
 
     References: Bernstein et al., signSGD (2018); Sun et al., Momentum ensures
     convergence of SIGNSGD (ICML 2023); Loshchilov & Hutter, Decoupled weight
@@ -512,29 +510,46 @@ class STAC(SkipNonfiniteOptimizer):
         return state
 
     def _prepare_group(self, group, params, grads):
-        if group["role"] == "sign" and group["sign_step_scale"] == "snr":
-            states = self._states(group, params)
-            finite, statistics = snr_statistics(grads, states, lr=group["lr"], sign_momentum=group["betas"][0],
-                                                b2=group["betas"][1], eps=group["snr_eps"], maximize=group["maximize"],
-                                                fused=self.fused)
-            return finite, (states, statistics)
-        return super()._prepare_group(group, params, grads)
+        states = self._states(group, params)
+        if group["role"] == "adamw":
+            lists = dict(params=params, grads=grads, exp_avg=[state["exp_avg"] for state in states],
+                         exp_avg_sq=[state["exp_avg_sq"] for state in states])
+            if group["amsgrad"]:
+                lists["max_exp_avg_sq"] = [state["max_exp_avg_sq"] for state in states]
+            tensors = GroupTensors(self.fused, lists)
+            return read_finite(tensors), (states, tensors, None)
+        if group["betas"][0] == 0.0:  # plain signSGD
+            tensors = GroupTensors(self.fused, dict(params=params, grads=grads))
+            return read_finite(tensors), (states, tensors, None)
+        tensors = GroupTensors(self.fused, dict(params=params, grads=grads,
+                                                momenta=[state["momentum_buffer"] for state in states]),
+                               bf16_lists=("momenta",))
+        if group["sign_step_scale"] != "snr":
+            return read_finite(tensors), (states, tensors, None)
+        statistics = TensorStatistics(tensors, states, TENSOR_STATISTICS,
+                                      statistics_table(self, group, TENSOR_STATISTICS))
+        beta = traced_number(group["betas"][0])
+        read = read_sums(tensors, "snr_moments", ["grads", "momenta"], _snr_sums,
+                         numbers=(beta, (-1.0 if group["maximize"] else 1.0) * (1.0 - beta),
+                                  largest_finite(tensors.lists["momenta"][0].dtype)))
+        return read, (states, tensors, statistics)
 
-    def _update_group(self, group, params, grads, statistics):
-        states, snr = statistics or (self._states(group, params), None)
+    def _update_group(self, group, params, grads, read, context):
+        states, tensors, statistics = context
         self._store_states(params, states)
         if group["role"] == "sign":
-            sign_update(params, grads, states, snr, lr=group["lr"], sign_momentum=group["betas"][0],
-                        sign_interpolation=group["sign_interpolation"], weight_decay=group["weight_decay"],
-                        maximize=group["maximize"], fused=self.fused)
+            sign_update(tensors, read, statistics, lr=group["lr"], sign_momentum=traced_number(group["betas"][0]),
+                        sign_interpolation=group["sign_interpolation"], sign_step_scale=group["sign_step_scale"],
+                        snr_b2=group["betas"][1], snr_eps=group["snr_eps"], weight_decay=group["weight_decay"],
+                        maximize=group["maximize"])
             return
+        lists = tensors.lists
         beta1, beta2 = group["betas"]
-        adamw_functional(params, grads, [state["exp_avg"] for state in states],
-                         [state["exp_avg_sq"] for state in states],
-                         [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
-                         [state["step"] for state in states], fused=all(map(_adamw_fusable, params)),
-                         foreach=False, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                         weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        adamw_functional(lists["params"], lists["grads"], lists["exp_avg"], lists["exp_avg_sq"],
+                         lists.get("max_exp_avg_sq", []), [state["step"] for state in states],
+                         fused=all(map(_adamw_fusable, lists["params"])), foreach=False, amsgrad=group["amsgrad"],
+                         beta1=traced_number(beta1), beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                         eps=group["eps"], maximize=group["maximize"])
 
     # Validation and checkpoints --------------------------------------------------------------
 

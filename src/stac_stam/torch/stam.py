@@ -4,80 +4,68 @@ import math
 
 import torch
 
-from stac_stam.torch import _cpu_kernels
 from stac_stam.torch._base import SkipNonfiniteOptimizer, check_pair, check_range, require_keys
-from stac_stam.torch._kernels import TensorKernel, scalar_tensors, store_tensor_statistics
+from stac_stam.torch._cpu_kernels import statistics_table
+from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, largest_finite, one_minus_power, read_sums,
+                                      saturate_, sqrt_, traced_number, update, wide_dtype, widened, write_back)
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard); as in the JAX STAM.
 VARIANCE_CAP = 10.0
 
+# The 0-d state entries, in the order stam_rule returns their new values.
+_TENSOR_STATISTICS = ("variance", "scale", "beta1", "beta1_product", "step")
 
-def _stam_rule(residual_sq_mean, residual_abs_mean, *, variance, scale, beta1_product, step, lr, b1_base, b2,
-               one_minus_b2, log_b2, adapt_strength, tau_decay, one_minus_tau_decay, eps):
-    # The new per-tensor numbers from this step's mean(r^2) and mean(|r|). Elementwise: it serves one tensor (0-d
-    # numbers) or a whole group at once (one value per tensor).
-    new_variance = b2 * variance + one_minus_b2 * residual_sq_mean
-    new_scale = tau_decay * scale + one_minus_tau_decay * residual_abs_mean
-    finite = new_variance.isfinite() & new_scale.isfinite()
+
+def _stam_sums(grad, mu):
+    # Over one tensor, r = g - mu in float64 (finite whenever g and mu are): sum(r^2), sum(|r|), as the C kernel
+    # stam_moments sums them.
+    wide = wide_dtype(grad.device)
+    residual = grad.to(wide) - mu.to(wide)
+    return torch.stack([residual.square().sum(), residual.abs().sum()])
+
+
+def stam_rule(residual_sq_mean, residual_abs_mean, *, variance, scale, beta1_product, step, lr, b1_base, b2,
+              adapt_strength, tau_decay, eps, largest):
+    """STAM's per-tensor numbers (float64 vectors, one value per tensor) from this step's mean(r^2) and
+    mean(|r|): the new state entries and the update's coefficients ``beta1``, ``lr / (1 - prod beta1)`` and
+    ``1 - b2^t``. A new variance or scale that overflows the state's dtype (largest value ``largest``) counts as
+    non-finite: both keep their old values and beta1 is b1_base."""
+    new_variance = b2 * variance + (1 - b2) * residual_sq_mean
+    new_scale = tau_decay * scale + (1 - tau_decay) * residual_abs_mean
+    finite = (new_variance <= largest) & (new_scale <= largest)  # False for NaN too
     new_variance = torch.minimum(new_variance, VARIANCE_CAP * new_scale.square())
     z = new_variance / (new_scale.square() + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
-    beta1 = torch.where(finite, adapted, b1_base)
-    new_step, new_beta1_product = step + 1, beta1_product * beta1
-    return (torch.where(finite, new_variance, variance), torch.where(finite, new_scale, scale), beta1,
+    new_beta1 = torch.where(finite, adapted, b1_base)
+    new_step, new_beta1_product = step + 1, beta1_product * new_beta1
+    return (torch.where(finite, new_variance, variance), torch.where(finite, new_scale, scale), new_beta1,
             new_beta1_product, new_step, lr / (1 - new_beta1_product),
-            -torch.expm1(new_step * log_b2))  # 1 - b2^t, exact for b2 near 1
+            one_minus_power(b2, new_step))
 
 
-def _stam_statistics(grad, mu, *, mean, **numbers):
-    # One read of g and mu; every per-tensor number the update needs, none of the state changed.
-    residual = grad.to(mu.dtype) - mu
-    return torch.isfinite(grad).all(), *_stam_rule(mean(residual.square()), mean(residual.abs()), **numbers)
+def _stam_step(params, grads, mus, nus, *, beta1, step_size, bias_correction2, decay, b2, one_minus_b2, eps, bound):
+    """The update over lists (``torch._foreach_*``); the C kernel ``stam_step`` does the same float32
+    operations. ``beta1``, ``step_size``, ``bias_correction2``: one 0-d tensor per tensor."""
+    dtype = mus[0].dtype
+    p, g = widened(params, dtype), widened(grads, dtype)
+    torch._foreach_mul_(mus, beta1)
+    torch._foreach_add_(mus, torch._foreach_mul(g, torch._foreach_add(torch._foreach_neg(beta1), 1)))
+    saturate_(mus, bound)
+    torch._foreach_mul_(nus, b2)
+    torch._foreach_add_(nus, torch._foreach_mul(torch._foreach_mul(g, one_minus_b2), g))
+    denominator = torch._foreach_div(nus, bias_correction2)
+    sqrt_(denominator)
+    torch._foreach_add_(denominator, eps)
+    step = torch._foreach_mul(mus, step_size)
+    torch._foreach_div_(step, denominator)
+    torch._foreach_mul_(p, decay)
+    torch._foreach_sub_(p, step)
+    write_back(params, p)
 
 
-def _stam_tensor_step(param, grad, mu, nu, *, beta1, step_size, bias_correction2, decay, b2, one_minus_b2, eps):
-    g = grad.to(mu.dtype)
-    mu.copy_(beta1 * mu + (1 - beta1) * g)
-    nu.copy_(b2 * nu + one_minus_b2 * g * g)
-    param.copy_(param * decay - step_size * mu / ((nu / bias_correction2).sqrt() + eps))
-
-
-_stam_statistics_kernel = TensorKernel(_stam_statistics)
-_stam_kernel = TensorKernel(_stam_tensor_step, writes=("param", "mu", "nu"))
-
-# The 0-d state entries, in the order _stam_statistics returns their new values.
-_TENSOR_STATISTICS = ("variance", "scale", "beta1", "beta1_product", "step")
-# The 0-d state entries the statistics read (beta1 is only logged).
-_STATE_INPUTS = ("variance", "scale", "beta1_product", "step")
-
-
-def stam_statistics(grads, states, *, lr, b1_base, b2, adapt_strength, tau_decay, eps, kernels, matrix=None):
-    """Phase one of STAM's step: per tensor, whether g is finite and its new statistics; changes nothing.
-
-    Returns ``(finite, statistics)``: ``finite`` 0-d bools, all True when every
-    gradient is finite; ``statistics`` the new ``(variance, scale, beta1,
-    beta1_product, step, step_size, bias_correction2)`` for ``stam_update``,
-    per tensor as 0-d tensors, or with ``kernels="cpu"`` each as one vector
-    over the group's tensors (then ``matrix`` is the group's StatisticsTable
-    matrix of the 0-d state entries).
-    """
-    # Complements are taken in Python's float64: 1 - b2 in float32 would be off by 1e-5.
-    scalars = scalar_tensors(lr=lr, b1_base=b1_base, b2=b2, one_minus_b2=1 - b2, log_b2=math.log(b2),
-                             adapt_strength=adapt_strength, tau_decay=tau_decay, one_minus_tau_decay=1 - tau_decay,
-                             eps=eps)
-    mus = [state["exp_avg"] for state in states]
-    if kernels == "cpu":
-        saved = {key: row for key, row in zip(_TENSOR_STATISTICS, matrix) if key in _STATE_INPUTS}
-        return _cpu_kernels.group_statistics("stam_moments", [grads, mus], _stam_rule, saved,
-                                             scalars(grads[0].device, torch.float32))
-    return _stam_statistics_kernel.map_statistics(
-        kernels == "compiled", [(grad, mu) for grad, mu in zip(grads, mus)],
-        [dict({key: state[key] for key in _STATE_INPUTS}, **scalars(state["exp_avg"].device, state["exp_avg"].dtype))
-         for state in states])
-
-
-def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps, kernels, matrix=None):
-    r"""Phase two of STAM's step (seed 002, "Core Update Rules"): the state and the parameters, in place.
+def stam_update(tensors, read, statistics, *, lr, b1_base, b2, weight_decay, adapt_strength, tau_decay, eps):
+    r"""STAM's step (seed 002, "Core Update Rules") over a parameter group (``tensors``, a ``GroupTensors``), in
+    place.
 
     Per tensor, at step t, with gradient g::
 
@@ -89,30 +77,26 @@ def stam_update(params, grads, states, statistics, *, lr, b2, weight_decay, eps,
         mu_t   = beta1 mu_{t-1} + (1 - beta1) g;     nu_t = b2 nu_{t-1} + (1 - b2) g^2
         p     <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(nu_t / (1 - b2^t)) + eps)
 
-    Non-finite var_t or tau_t: beta1 = b1_base and both keep their old values.
-    ``statistics`` come from ``stam_statistics`` (the first three lines and the
-    step's coefficients, from one read of g and mu); here each tensor is one
-    pass updating mu, nu and p. ``kernels``: ``"cpu"`` runs the group's
-    float32 CPU tensors as one call of the C kernels in ``_cpu_kernels.c``
-    (storing the statistics into ``matrix``), ``"compiled"`` each tensor
-    compiled, ``"op_by_op"`` eagerly. The tensor
-    statistics stay on the device (no host sync).
-    Low-precision parameters are computed in float32 and stored back.
+    Non-finite var_t or tau_t (or too large for the state's dtype): beta1 =
+    b1_base and both keep their old values. The two means come from ``read``
+    (one read of g and mu, over the whole tensor under FSDP2) and the
+    per-tensor numbers are computed in float64 (``stam_rule``), then stored
+    into ``statistics`` (the 0-d state entries); then each tensor is one pass
+    updating mu, nu and p. mu stays within float32's range; nu may overflow
+    to Inf, as AdamW's does, and then that coordinate's step is 0. Parameters
+    of a 16-bit dtype are computed in float32 and stored back.
     """
-    mus, nus = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
-    if kernels == "cpu":
-        _cpu_kernels.store_statistics(matrix, statistics)
-        _, _, beta1, _, _, step_size, bias_correction2 = statistics
-        _cpu_kernels.run("stam_step", [params, grads, mus, nus], [beta1, step_size, bias_correction2],
-                         [1 - lr * weight_decay, b2, 1 - b2, eps])
-        return
-    scalars = scalar_tensors(decay=1 - lr * weight_decay, b2=b2, one_minus_b2=1 - b2, eps=eps)
-    store_tensor_statistics(states, _TENSOR_STATISTICS, statistics)
-    _stam_kernel.map(kernels == "compiled",
-                     [(param, grad, mu, nu) for param, grad, mu, nu in zip(params, grads, mus, nus)],
-                     [dict(beta1=beta1, step_size=step_size, bias_correction2=bias_correction2,
-                           **scalars(state["exp_avg"].device, state["exp_avg"].dtype))
-                      for state, (_, _, beta1, _, _, step_size, bias_correction2) in zip(states, statistics)])
+    device = read.sums.device
+    values = statistics.values(device)
+    del values["beta1"]  # the last step's, kept for logging
+    new = stam_rule(*read.means(), **values, lr=lr, b1_base=b1_base, b2=b2,
+                    adapt_strength=adapt_strength, tau_decay=tau_decay, eps=eps, largest=statistics.largest(device))
+    statistics.store(dict(zip(_TENSOR_STATISTICS, new)))
+    _, _, beta1, _, _, step_size, bias_correction2 = new
+    update(tensors, "stam_step", _stam_step, ["params", "grads", "mus", "nus"],
+           vectors=dict(beta1=beta1, step_size=step_size, bias_correction2=bias_correction2),
+           numbers=dict(decay=1 - lr * weight_decay, b2=b2, one_minus_b2=1 - b2, eps=eps,
+                        bound=largest_finite(tensors.lists["mus"][0].dtype)))
 
 
 class STAM(SkipNonfiniteOptimizer):
@@ -183,17 +167,17 @@ class STAM(SkipNonfiniteOptimizer):
 
     def _prepare_group(self, group, params, grads):
         states = self._states(group, params)
-        moments = [[state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]]
-        kernels, matrix = _cpu_kernels.choose(self.fused, [params, grads, *moments],
-                                              _cpu_kernels.statistics_table(self, group, _TENSOR_STATISTICS), states)
-        finite, statistics = stam_statistics(
-            grads, states, lr=group["lr"], b1_base=group["betas"][0], b2=group["betas"][1],
-            adapt_strength=group["adapt_strength"], tau_decay=group["tau_decay"], eps=group["eps"], kernels=kernels,
-            matrix=matrix)
-        return finite, (states, kernels, matrix, statistics)
+        tensors = GroupTensors(self.fused, dict(params=params, grads=grads,
+                                                mus=[state["exp_avg"] for state in states],
+                                                nus=[state["exp_avg_sq"] for state in states]))
+        statistics = TensorStatistics(tensors, states, _TENSOR_STATISTICS,
+                                      statistics_table(self, group, _TENSOR_STATISTICS))
+        return read_sums(tensors, "stam_moments", ["grads", "mus"], _stam_sums), (states, tensors, statistics)
 
-    def _update_group(self, group, params, grads, statistics):
-        states, kernels, matrix, statistics = statistics
+    def _update_group(self, group, params, grads, read, context):
+        states, tensors, statistics = context
         self._store_states(params, states)
-        stam_update(params, grads, states, statistics, lr=group["lr"], b2=group["betas"][1],
-                    weight_decay=group["weight_decay"], eps=group["eps"], kernels=kernels, matrix=matrix)
+        stam_update(tensors, read, statistics, lr=group["lr"], b1_base=traced_number(group["betas"][0]),
+                    b2=group["betas"][1],
+                    weight_decay=group["weight_decay"], adapt_strength=group["adapt_strength"],
+                    tau_decay=group["tau_decay"], eps=group["eps"])

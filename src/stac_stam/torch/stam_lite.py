@@ -4,76 +4,66 @@ import math
 
 import torch
 
-from stac_stam.torch import _cpu_kernels
 from stac_stam.torch._base import SkipNonfiniteOptimizer, check_pair, check_range, require_keys, resolve_state_dtype
-from stac_stam.torch._kernels import TensorKernel, scalar_tensors, store_tensor_statistics
+from stac_stam.torch._cpu_kernels import statistics_table
+from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, largest_finite,
+                                      one_minus_power, read_sums, saturate_, traced_number, update,
+                                      wide_dtype, widened, write_back)
+
+# The 0-d state entries, in the order stam_lite_rule returns their new values.
+_TENSOR_STATISTICS = ("grad_mean", "grad_sq_mean", "beta1", "beta1_product", "step")
 
 
-def _stam_lite_rule(g_mean, g_sq_mean, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
-                    adapt_strength, moment_decay, one_minus_moment_decay, log_moment_decay, beta1_update_interval, eps):
-    # The new per-tensor numbers from this step's mean(g) and mean(g^2). Elementwise: it serves one tensor (0-d
-    # numbers) or a whole group at once (one value per tensor).
+def _stam_lite_sums(grad):
+    # Over one tensor, in float64: sum(g), sum(g^2), as the C kernel stam_lite_moments sums them.
+    g = grad.to(wide_dtype(grad.device))
+    return torch.stack([g.sum(), g.square().sum()])
+
+
+def stam_lite_rule(g_mean, g_sq_mean, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
+                   adapt_strength, moment_decay, beta1_update_interval, eps, largest):
+    """STAMLite's per-tensor numbers (float64 vectors, one value per tensor) from this step's mean(g) and
+    mean(g^2): the new state entries and the update's coefficient ``lr / ((1 - prod beta1) rms)``.
+
+    Computed in float64, where no moment of float32 gradients overflows; stored saturated at the largest value
+    of the state's dtype (``largest``). So a gradient whose square overflows float32 (1e20) moves the
+    parameter by about lr, as AdamW's first step does, never by lr / eps; and E[g^2] never falls behind a
+    momentum that grew with such gradients."""
     new_step = step + 1
-    new_mean = moment_decay * grad_mean + one_minus_moment_decay * g_mean
-    new_sq_mean = moment_decay * grad_sq_mean + one_minus_moment_decay * g_sq_mean
+    new_mean = moment_decay * grad_mean + (1 - moment_decay) * g_mean
+    new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * g_sq_mean
     finite = new_mean.isfinite() & new_sq_mean.isfinite()
-    new_mean = torch.where(finite, new_mean, grad_mean)
-    new_sq_mean = torch.where(finite, new_sq_mean, grad_sq_mean)
     z = (new_sq_mean - new_mean.square()).clamp(min=0) / (new_sq_mean + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
     refresh = torch.remainder(new_step - 1, beta1_update_interval) == 0
     new_beta1 = torch.where(finite, torch.where(refresh, adapted, beta1), b1_base)
     new_beta1_product = beta1_product * new_beta1
-    rms = (new_sq_mean / -torch.expm1(new_step * log_moment_decay)).sqrt() + eps  # 1 - moment_decay^t
-    return new_mean, new_sq_mean, new_beta1, new_beta1_product, new_step, lr / ((1 - new_beta1_product) * rms)
+    new_mean = torch.where(finite, new_mean, grad_mean)
+    new_sq_mean = torch.where(finite, new_sq_mean, grad_sq_mean)
+    rms = (new_sq_mean / one_minus_power(moment_decay, new_step)).sqrt() + eps
+    return (torch.clamp(new_mean, -largest, largest), torch.clamp(new_sq_mean, max=largest), new_beta1,
+            new_beta1_product, new_step, lr / ((1 - new_beta1_product) * rms))
 
 
-def _stam_lite_statistics(grad, *, mean, **numbers):
-    # One read of g; every per-tensor number the update needs, none of the state changed.
-    g = grad.to(numbers["grad_mean"].dtype)
-    return torch.isfinite(grad).all(), *_stam_lite_rule(mean(g), mean(g.square()), **numbers)
+def _stam_lite_step(params, grads, mus, *, beta1, step_size, decay, bound):
+    """The update over lists (``torch._foreach_*``); the C kernel ``stam_lite_step`` does the same float32
+    operations. ``beta1``, ``step_size``: one 0-d tensor per tensor."""
+    dtype = compute_dtype(params[0])
+    p, g, m = widened(params, dtype), widened(grads, dtype), widened(mus, dtype)
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, torch._foreach_mul(g, torch._foreach_add(torch._foreach_neg(beta1), 1)))
+    saturate_(m, bound)
+    step = torch._foreach_mul(m, step_size)  # from the float32 mu, before a 16-bit mu is rounded
+    write_back(mus, m)
+    torch._foreach_mul_(p, decay)
+    torch._foreach_sub_(p, step)
+    write_back(params, p)
 
 
-def _stam_lite_tensor_step(param, grad, mu, *, beta1, step_size, decay):
-    mu_full = beta1 * mu.to(step_size.dtype) + (1 - beta1) * grad.to(step_size.dtype)
-    mu.copy_(mu_full)
-    param.copy_(param * decay - mu_full * step_size)
-
-
-_stam_lite_statistics_kernel = TensorKernel(_stam_lite_statistics)
-_stam_lite_kernel = TensorKernel(_stam_lite_tensor_step, writes=("param", "mu"))
-
-# The 0-d state entries, in the order _stam_lite_statistics returns their new values.
-_TENSOR_STATISTICS = ("grad_mean", "grad_sq_mean", "beta1", "beta1_product", "step")
-
-
-def stam_lite_statistics(grads, states, *, lr, b1_base, adapt_strength, moment_decay, beta1_update_interval, eps,
-                         kernels, matrix=None):
-    """Phase one of STAMLite's step: per tensor, whether g is finite and its new statistics; changes nothing.
-
-    Returns ``(finite, statistics)``: ``finite`` 0-d bools, all True when every
-    gradient is finite; ``statistics`` the new ``(grad_mean, grad_sq_mean,
-    beta1, beta1_product, step, step_size)`` for ``stam_lite_update``, per
-    tensor as 0-d tensors, or with ``kernels="cpu"`` each as one vector over
-    the group's tensors (then ``matrix`` is the group's StatisticsTable matrix
-    of the 0-d state entries).
-    """
-    # Complements are taken in Python's float64: 1 - 0.99 in float32 would be off by 1e-6.
-    scalars = scalar_tensors(lr=lr, b1_base=b1_base, adapt_strength=adapt_strength, moment_decay=moment_decay,
-                             one_minus_moment_decay=1 - moment_decay, log_moment_decay=math.log(moment_decay),
-                             beta1_update_interval=beta1_update_interval, eps=eps)
-    if kernels == "cpu":
-        return _cpu_kernels.group_statistics("stam_lite_moments", [grads], _stam_lite_rule,
-                                             dict(zip(_TENSOR_STATISTICS, matrix)),
-                                             scalars(grads[0].device, torch.float32))
-    return _stam_lite_statistics_kernel.map_statistics(
-        kernels == "compiled", [(grad,) for grad in grads],
-        [dict({key: state[key] for key in _TENSOR_STATISTICS}, **scalars(state["step"].device, state["step"].dtype))
-         for state in states])
-
-
-def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, kernels, matrix=None):
-    r"""Phase two of STAMLite's step (seed 002, "STAMLite Approximation"): the state and the parameters, in place.
+def stam_lite_update(tensors, read, statistics, *, lr, b1_base, weight_decay, adapt_strength, moment_decay,
+                     beta1_update_interval, eps):
+    r"""STAMLite's step (seed 002, "STAMLite Approximation") over a parameter group (``tensors``, a
+    ``GroupTensors``), in place.
 
     Per tensor, at step t, with gradient g and k = beta1_update_interval::
 
@@ -83,26 +73,26 @@ def stam_lite_update(params, grads, states, statistics, *, lr, weight_decay, ker
         beta1    = clip(b1_base (1 - adapt_strength z / (1 + z)), b1_base (1 - adapt_strength), b1_base)
                    recomputed on steps 1, 1 + k, 1 + 2k, ..., held in between
         mu_t     = beta1 mu_{t-1} + (1 - beta1) g                  (stored in state_dtype)
-        p       <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(E[g^2]_t / (1 - moment_decay^t)) + eps)
+        p       <- p (1 - lr weight_decay) - lr [mu_t / (1 - prod beta1)] / (sqrt(E[g^2]_t / (1 - moment_decay^t))
+                   + eps)
 
-    Non-finite moments: beta1 = b1_base and the moments keep their old values.
-    ``statistics`` come from ``stam_lite_statistics`` (everything but mu_t
-    and p, from one read of g); here each tensor is one pass updating mu and
-    p. ``kernels``: ``"cpu"`` runs the group's float32 CPU tensors as one call
-    of the C kernels in ``_cpu_kernels.c`` (storing the statistics into
-    ``matrix``), ``"compiled"`` each tensor compiled, ``"op_by_op"`` eagerly.
+    Non-finite moments: beta1 = b1_base and the moments keep their old values;
+    moments beyond the state's dtype are stored at its largest value (see
+    ``stam_lite_rule``). The two
+    means come from ``read`` (one read of g, over the whole tensor under
+    FSDP2) and the per-tensor numbers are computed in float64, then stored
+    into ``statistics`` (the 0-d state entries); then each tensor is one pass
+    updating mu and p. mu stays within its dtype's finite range.
     """
-    mus = [state["exp_avg"] for state in states]
-    if kernels == "cpu":
-        _cpu_kernels.store_statistics(matrix, statistics)
-        _, _, beta1, _, _, step_size = statistics
-        _cpu_kernels.run("stam_lite_step", [params, grads, mus], [beta1, step_size], [1 - lr * weight_decay])
-        return
-    scalars = scalar_tensors(decay=1 - lr * weight_decay)
-    store_tensor_statistics(states, _TENSOR_STATISTICS, statistics)
-    _stam_lite_kernel.map(kernels == "compiled", [(param, grad, mu) for param, grad, mu in zip(params, grads, mus)],
-                          [dict(beta1=beta1, step_size=step_size, **scalars(step_size.device, step_size.dtype))
-                           for _, _, beta1, _, _, step_size in statistics])
+    device = read.sums.device
+    new = stam_lite_rule(*read.means(), **statistics.values(device), lr=lr, b1_base=b1_base,
+                         adapt_strength=adapt_strength, moment_decay=moment_decay,
+                         beta1_update_interval=beta1_update_interval, eps=eps, largest=statistics.largest(device))
+    statistics.store(dict(zip(_TENSOR_STATISTICS, new)))
+    _, _, beta1, _, _, step_size = new
+    update(tensors, "stam_lite_step", _stam_lite_step, ["params", "grads", "mus"],
+           vectors=dict(beta1=beta1, step_size=step_size),
+           numbers=dict(decay=1 - lr * weight_decay, bound=largest_finite(tensors.lists["mus"][0].dtype)))
 
 
 class STAMLite(SkipNonfiniteOptimizer):
@@ -177,17 +167,16 @@ class STAMLite(SkipNonfiniteOptimizer):
 
     def _prepare_group(self, group, params, grads):
         states = self._states(group, params)
-        kernels, matrix = _cpu_kernels.choose(
-            self.fused, [params, grads, [state["exp_avg"] for state in states]],
-            _cpu_kernels.statistics_table(self, group, _TENSOR_STATISTICS), states)
-        finite, statistics = stam_lite_statistics(
-            grads, states, lr=group["lr"], b1_base=group["betas"][0], adapt_strength=group["adapt_strength"],
-            moment_decay=group["betas"][1], beta1_update_interval=group["beta1_update_interval"],
-            eps=group["eps"], kernels=kernels, matrix=matrix)
-        return finite, (states, kernels, matrix, statistics)
+        tensors = GroupTensors(self.fused, dict(params=params, grads=grads,
+                                                mus=[state["exp_avg"] for state in states]), bf16_lists=("mus",))
+        statistics = TensorStatistics(tensors, states, _TENSOR_STATISTICS,
+                                      statistics_table(self, group, _TENSOR_STATISTICS))
+        return read_sums(tensors, "stam_lite_moments", ["grads"], _stam_lite_sums), (states, tensors, statistics)
 
-    def _update_group(self, group, params, grads, statistics):
-        states, kernels, matrix, statistics = statistics
+    def _update_group(self, group, params, grads, read, context):
+        states, tensors, statistics = context
         self._store_states(params, states)
-        stam_lite_update(params, grads, states, statistics, lr=group["lr"], weight_decay=group["weight_decay"],
-                         kernels=kernels, matrix=matrix)
+        stam_lite_update(tensors, read, statistics, lr=group["lr"], b1_base=traced_number(group["betas"][0]),
+                         weight_decay=group["weight_decay"], adapt_strength=group["adapt_strength"],
+                         moment_decay=group["betas"][1], beta1_update_interval=group["beta1_update_interval"],
+                         eps=group["eps"])
