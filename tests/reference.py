@@ -49,11 +49,23 @@ def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, si
     With sign_momentum == 0 this is textbook signSGD and keeps no state. With
     sign_interpolation = a, the sign is taken of a * m_old + (1 - a) * g (Lion).
     With sign_step_scale == "snr" the step is scaled by the tensor's
-    bias-corrected mean |m| over its bias-corrected gradient RMS.
+    bias-corrected mean |m| over its bias-corrected gradient RMS. With
+    sign_step_scale == "factored" the step is lr * u / max(1, rms(u)) instead,
+    u = d / (sqrt(v_hat) + eps), v_hat from ``factored_second_moment`` and d
+    the direction (g, or alpha * m_old + (1 - alpha) * g): Adafactor's step.
     """
     if maximize:
         g = -g
     p = p * (1.0 - lr * weight_decay)
+    if sign_step_scale == "factored":
+        direction = g
+        if sign_momentum != 0.0:
+            m = state.get("momentum_buffer", np.zeros_like(p))
+            alpha = sign_momentum if sign_interpolation is None else sign_interpolation
+            direction = alpha * m + (1.0 - alpha) * g
+            state["momentum_buffer"] = sign_momentum * m + (1.0 - sign_momentum) * g
+        u = direction / (np.sqrt(factored_second_moment(g, state, b2)) + eps)
+        return p - lr * u / max(1.0, np.sqrt(np.mean(u * u)))
     if sign_momentum == 0.0:
         return p - lr * np.sign(g)
     m = state.get("momentum_buffer", np.zeros_like(p))
@@ -68,6 +80,20 @@ def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, si
         state["step"], state["grad_sq_mean"] = t, v
         scale = np.mean(np.abs(m)) / (1.0 - sign_momentum ** t) / (np.sqrt(v / (1.0 - b2 ** t)) + eps)
     return p - lr * scale * np.sign(direction)
+
+
+def factored_second_moment(g, state, b2):
+    """Adafactor's estimate of AdamW's bias-corrected v for g seen as a matrix (the first dimension by the
+    product of the others; a vector is one column, a 0-d value one element): EMAs of the row and column means
+    of g^2, v_hat = R C^T / mean(R) / (1 - b2^t). Keeps ``exp_avg_sq_row``, ``exp_avg_sq_col`` and ``step``."""
+    rows = g.shape[0] if g.ndim else 1
+    columns = int(np.prod(g.shape[1:])) if g.ndim else 1
+    square = (g * g).reshape(rows, columns)
+    t = state.get("step", 0) + 1
+    r = b2 * state.get("exp_avg_sq_row", np.zeros(rows)) + (1.0 - b2) * square.mean(axis=1)
+    c = b2 * state.get("exp_avg_sq_col", np.zeros(columns)) + (1.0 - b2) * square.mean(axis=0)
+    state.update(step=t, exp_avg_sq_row=r, exp_avg_sq_col=c)
+    return (np.outer(r, c) / r.mean() / (1.0 - b2 ** t)).reshape(g.shape)
 
 
 def stac_learning_rates(lr, has_sign_layers, has_adamw_layers):
