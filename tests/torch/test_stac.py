@@ -11,7 +11,8 @@ from torch import nn
 import reference
 from stac_stam.torch import STAC
 
-GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stac.json").read_text())
+GOLDEN = {"cases": [case for filename in ("stac.json", "stac_factored.json") for case in json.loads(
+    (pathlib.Path(__file__).resolve().parents[1] / "golden" / filename).read_text())["cases"]]}
 
 
 def mlp(dtype=torch.float32, seed=0):
@@ -50,6 +51,9 @@ def assert_same(before, after):
          weight_decay=1e-2),
     dict(last_n_layers=0, lr=1e-2, sign_momentum=0.8, sign_step_scale="snr", weight_decay=0.0),
     dict(last_n_layers=0, lr=1e-2, weight_decay=1e-2),
+    dict(last_n_layers=1, lr=1e-2, sign_momentum=0.0, sign_step_scale="factored", weight_decay=1e-2),
+    dict(last_n_layers=0, lr=1e-2, sign_momentum=0.9, sign_interpolation=0.5, sign_step_scale="factored",
+         maximize=True, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1),
     dict(last_n_layers=1, lr=1e-2, sign_lr=5e-3, adamw_lr=2e-2, weight_decay=1e-2, sign_weight_decay=0.5,
          adamw_weight_decay=0.0),
 ])
@@ -88,7 +92,8 @@ def test_every_step_matches_the_float64_reference(options):
         for name, param in model.named_parameters():
             np.testing.assert_allclose(param.detach().numpy(), ref_params[name], rtol=1e-12, atol=1e-12)
             state = optimizer.state[param]
-            for key in ("momentum_buffer", "grad_sq_mean", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            for key in ("momentum_buffer", "grad_sq_mean", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                        "exp_avg_sq_row", "exp_avg_sq_col"):
                 assert (key in state) == (key in ref_states[name]), key
                 if key in state:
                     np.testing.assert_allclose(state[key].numpy(), ref_states[name][key], rtol=1e-12, atol=1e-14)
@@ -104,7 +109,8 @@ def test_golden_vectors(case, dtype, tolerance):
             named[entry["name"]].copy_(torch.tensor(entry["value"], dtype=dtype).reshape(entry["shape"]))
     hyper = case["hyperparams"]
     optimizer = STAC(model, last_n_layers=case["last_n_layers"], lr=hyper["lr"],
-                     sign_momentum=hyper.get("sign_momentum", 0.9), weight_decay=hyper["weight_decay"],
+                     sign_momentum=hyper.get("sign_momentum", 0.9), sign_step_scale=hyper.get("sign_step_scale"),
+                     weight_decay=hyper["weight_decay"],
                      betas=tuple(hyper.get("betas", (0.9, 0.999))), eps=hyper.get("eps", 1e-8))
     for step_grads, expected in zip(case["grads"], case["expected"]):
         for entry, grad in zip(case["params"], step_grads):
@@ -176,7 +182,7 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     (dict(sign_state_dtype="bfloat17"), r"sign_state_dtype must be a floating torch dtype"),
     (dict(last_n_layers=1.5), r"last_n_layers must be an integer >= 0"),
     (dict(sign_interpolation=1.0), r"sign_interpolation must be in \[0.0, 1.0\), got 1.0"),
-    (dict(sign_step_scale="rms"), r"sign_step_scale must be None or 'snr', got 'rms'"),
+    (dict(sign_step_scale="rms"), r"sign_step_scale must be None, 'snr' or 'factored', got 'rms'"),
     (dict(sign_step_scale="snr", sign_momentum=0.0), r"needs sign_momentum > 0"),
 ])
 def test_bad_hyperparameters_name_the_argument(kwargs, message):
