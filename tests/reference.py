@@ -50,22 +50,23 @@ def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, si
     sign_interpolation = a, the sign is taken of a * m_old + (1 - a) * g (Lion).
     With sign_step_scale == "snr" the step is scaled by the tensor's
     bias-corrected mean |m| over its bias-corrected gradient RMS. With
-    sign_step_scale == "factored" the step is lr * u / max(1, rms(u)) instead,
-    u = d / (sqrt(v_hat) + eps), v_hat from ``factored_second_moment`` and d
-    the direction (g, or alpha * m_old + (1 - alpha) * g): Adafactor's step.
+    sign_step_scale == "factored" the step is Adafactor's instead: u = g /
+    (sqrt(v_hat) + eps), v_hat from ``factored_second_moment``, clipped to RMS 1,
+    then p -= lr * u, or with momentum p -= lr * (alpha * m_old + (1 - alpha) * u)
+    and m = beta * m + (1 - beta) * u.
     """
     if maximize:
         g = -g
     p = p * (1.0 - lr * weight_decay)
     if sign_step_scale == "factored":
-        direction = g
-        if sign_momentum != 0.0:
-            m = state.get("momentum_buffer", np.zeros_like(p))
-            alpha = sign_momentum if sign_interpolation is None else sign_interpolation
-            direction = alpha * m + (1.0 - alpha) * g
-            state["momentum_buffer"] = sign_momentum * m + (1.0 - sign_momentum) * g
-        u = direction / (np.sqrt(factored_second_moment(g, state, b2)) + eps)
-        return p - lr * u / max(1.0, np.sqrt(np.mean(u * u)))
+        u = g / (np.sqrt(factored_second_moment(g, state, b2)) + eps)
+        u = u / max(1.0, np.sqrt(np.mean(u * u)))
+        if sign_momentum == 0.0:
+            return p - lr * u
+        m = state.get("momentum_buffer", np.zeros_like(p))
+        alpha = sign_momentum if sign_interpolation is None else sign_interpolation
+        state["momentum_buffer"] = sign_momentum * m + (1.0 - sign_momentum) * u
+        return p - lr * (alpha * m + (1.0 - alpha) * u)
     if sign_momentum == 0.0:
         return p - lr * np.sign(g)
     m = state.get("momentum_buffer", np.zeros_like(p))

@@ -53,29 +53,29 @@ def _momentum_direction(g, momenta, dtype, *, sign_momentum, grad_weight, interp
 
 
 def _factored_step(params, grads, rows, columns, steps, momenta=None, *, lr, decay, b2, eps, grad_sign, **momentum):
-    """The trunk's update with ``sign_step_scale="factored"`` over lists (see ``sign_update``): the elementwise
-    operations over the lists, the factored statistics and the RMS of the step tensor by tensor, in float64 (a
-    float32 g^2 may overflow), stored saturated at their dtype's largest value."""
+    """The trunk's update with ``sign_step_scale="factored"`` over lists (see ``sign_update``): the factored
+    statistics and the clipped normalized step u tensor by tensor (the statistics in float64: a float32 g^2 may
+    overflow; stored saturated at their dtype's largest value), the rest over the lists."""
     dtype, wide = compute_dtype(params[0]), wide_dtype(params[0].device)
     p, g = widened(params, dtype), widened(grads, dtype)
-    direction = (torch._foreach_mul(g, grad_sign) if momenta is None
-                 else _momentum_direction(g, momenta, dtype, **momentum))
     torch._foreach_add_(steps, 1.0)
-    normalized, rates = [], []
-    for grad, row, column, step, d in zip(g, rows, columns, steps, direction):
+    normalized = []
+    for grad, row, column, step in zip(g, rows, columns, steps):
         n_rows, n_columns = factored_shape(tuple(grad.shape))
         square = grad.to(wide).square().reshape(n_rows, n_columns)
         for stored, mean in ((row, square.sum(1) / max(n_columns, 1)), (column, square.sum(0) / max(n_rows, 1))):
             stored.copy_((b2 * stored.to(wide) + (1 - b2) * mean).clamp_(max=largest_finite(stored.dtype)))
         row_mean = row.to(wide).mean().clamp(min=torch.finfo(wide).tiny)
         row_rms = (row.to(wide) / (row_mean * one_minus_power(b2, step.to(wide)))).sqrt().to(dtype)
-        denominator = torch.outer(row_rms, column.to(wide).sqrt().to(dtype)).add_(eps).reshape(grad.shape)
-        u = d / denominator
+        u = grad / torch.outer(row_rms, column.to(wide).sqrt().to(dtype)).add_(eps).reshape(grad.shape)
         rms = (u.to(wide).square().sum() / max(u.numel(), 1)).sqrt()
-        normalized.append(u)
-        rates.append((lr / rms.clamp(min=1.0)).to(dtype))  # a step of RMS over 1 clipped to 1 (Adafactor)
+        normalized.append(u.div_(rms.clamp(min=1.0).to(dtype)))  # a step of RMS over 1 clipped to 1 (Adafactor)
+    if momenta is None:
+        direction, lr = normalized, grad_sign * lr
+    else:  # the momentum of u (grad_sign in its weights)
+        direction = _momentum_direction(normalized, momenta, dtype, **momentum)
     torch._foreach_mul_(p, decay)
-    torch._foreach_sub_(p, torch._foreach_mul(normalized, rates))
+    torch._foreach_sub_(p, torch._foreach_mul(direction, lr))
     write_back(params, p)
 
 
@@ -130,19 +130,21 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
         p <- p - lr * s * sign(d)                 s = 1, or with sign_step_scale="snr":
         s  = mean(|m|) / (1 - beta^t) / (sqrt(v / (1 - b2^t)) + eps),   v <- b2 v + (1 - b2) mean(g^2)
 
-    With sign_step_scale="factored" the step is Adafactor's normalized one
-    (Shazeer & Stern, 2018) instead, g seen as a matrix (``factored_shape``:
+    With sign_step_scale="factored" the trunk takes Adafactor's normalized
+    step instead (Shazeer & Stern, 2018), g seen as a matrix (``factored_shape``:
     the first dimension by the others; a vector is one column)::
 
         R <- b2 R + (1 - b2) rowmean(g^2),   C <- b2 C + (1 - b2) colmean(g^2)
-        u  = d / (sqrt(R C^T / mean(R) / (1 - b2^t)) + eps)
-        p <- p - lr * u / max(1, rms(u))          a step of RMS over 1 clipped to 1
+        u  = g / (sqrt(R C^T / mean(R) / (1 - b2^t)) + eps)
+        u <- u / max(1, rms(u))                   a step of RMS over 1 clipped to 1
+        p <- p - lr * u                           sign_momentum = 0, or with momentum:
+        d <- alpha * m + (1 - alpha) * u,   m <- beta * m + (1 - beta) * u,   p <- p - lr * d
 
     R C^T / mean(R) is the rank-1 estimate of AdamW's v (exact for a vector),
-    so with sign_momentum = 0 (d = g) the trunk is AdamW without its first
-    moment, on (rows + columns) numbers per tensor: the state ``exp_avg_sq_row``,
-    ``exp_avg_sq_col`` (float32 at least, saturated at its largest value) and
-    ``step``. It runs on the torch path (no C kernel).
+    kept in (rows + columns) numbers per tensor: the state ``exp_avg_sq_row``,
+    ``exp_avg_sq_col`` (float32 at least, saturated at their largest value)
+    and ``step``; the momentum is Adafactor's, of the normalized step. It runs
+    on the torch path (no C kernel).
 
     With alpha = beta (the seeds' rule) d is the new m; alpha < beta is Lion's
     update (Chen et al., 2023), which weights the fresh gradient more. The
