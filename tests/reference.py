@@ -43,7 +43,7 @@ def adamw_step(p, g, state, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
 
 
 def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, sign_step_scale=None, b2=0.999,
-              eps=1e-8, weight_decay=0.0, maximize=False):
+              eps=1e-8, weight_decay=0.0, maximize=False, int8_momentum=False):
     """STAC's trunk: decoupled decay, then p -= lr * sign(EMA(g)).
 
     With sign_momentum == 0 this is textbook signSGD and keeps no state. With
@@ -53,7 +53,8 @@ def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, si
     sign_step_scale == "factored" the step is Adafactor's instead: u = g /
     (sqrt(v_hat) + eps), v_hat from ``factored_second_moment``, clipped to RMS 1,
     then p -= lr * u, or with momentum p -= lr * (alpha * m_old + (1 - alpha) * u)
-    and m = beta * m + (1 - beta) * u.
+    and m = beta * m + (1 - beta) * u; with int8_momentum, m is kept as int8
+    codes and a scale per row (the first dimension): m = codes * scale.
     """
     if maximize:
         g = -g
@@ -64,8 +65,17 @@ def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, si
         if sign_momentum == 0.0:
             return p - lr * u
         m = state.get("momentum_buffer", np.zeros_like(p))
+        rows = p.shape[0] if p.ndim else 1
+        if int8_momentum:  # codes times their row's scale
+            m = (m.reshape(rows, -1) * state.get("momentum_scale", np.zeros(rows))[:, None]).reshape(p.shape)
         alpha = sign_momentum if sign_interpolation is None else sign_interpolation
-        state["momentum_buffer"] = sign_momentum * m + (1.0 - sign_momentum) * u
+        new_m = sign_momentum * m + (1.0 - sign_momentum) * u
+        state["momentum_buffer"] = new_m
+        if int8_momentum:  # per row: scale = max |m| / 127, codes rounded to nearest (ties to even)
+            scale = np.abs(new_m.reshape(rows, -1)).max(axis=1) / 127.0
+            safe = np.where(scale > 0, scale, 1.0)
+            state["momentum_scale"] = scale
+            state["momentum_buffer"] = np.round(new_m.reshape(rows, -1) / safe[:, None]).reshape(p.shape)
         return p - lr * (alpha * m + (1.0 - alpha) * u)
     if sign_momentum == 0.0:
         return p - lr * np.sign(g)

@@ -38,21 +38,38 @@ def _adamw_fusable(param):
 TENSOR_STATISTICS = ("grad_sq_mean", "step")
 
 
-def _momentum_direction(g, momenta, dtype, *, sign_momentum, grad_weight, interpolation, interpolation_grad_weight,
-                        bound):
-    """The trunk's direction ``alpha m + (1 - alpha) g`` (``g`` in ``dtype``, the old m), then m updated in place:
-    ``m <- beta m + (1 - beta) g``, kept within its dtype's range (a 16-bit momentum rounded back)."""
-    m = widened(momenta, dtype)
+def _momentum_direction(g, m, *, sign_momentum, grad_weight, interpolation, interpolation_grad_weight, bound):
+    """The trunk's direction ``alpha m + (1 - alpha) g`` (with the old m), then ``m <- beta m + (1 - beta) g`` in
+    place, kept within [-bound, bound]; ``g`` and ``m`` lists in the compute dtype."""
     direction = torch._foreach_add(torch._foreach_mul(m, interpolation),
                                    torch._foreach_mul(g, interpolation_grad_weight))
     torch._foreach_mul_(m, sign_momentum)
     torch._foreach_add_(m, torch._foreach_mul(g, grad_weight))
     saturate_(m, bound)
-    write_back(momenta, m)
     return direction
 
 
-def _factored_step(params, grads, rows, columns, steps, momenta=None, *, lr, decay, b2, eps, grad_sign, **momentum):
+def _decoded(codes, scales, dtype):
+    """int8 momentum codes times their rows' scales (``factored_shape``'s rows), in ``dtype``."""
+    return [code.to(dtype).reshape(len(scale), -1).mul_(scale.to(dtype)[:, None]).reshape(code.shape)
+            for code, scale in zip(codes, scales)]
+
+
+def _encode(values, codes, scales):
+    """Store ``values`` as int8 codes, in place: per row, scale = max|value| / 127 and code = round(value /
+    scale) (to nearest, ties to even)."""
+    for value, code, scale in zip(values, codes, scales):
+        if not value.numel():
+            continue
+        rows = value.reshape(len(scale), -1)
+        new_scale = rows.abs().amax(1) / 127
+        scale.copy_(new_scale)
+        code.copy_(rows.div(new_scale.clamp(min=torch.finfo(new_scale.dtype).tiny)[:, None]).round_()
+                   .clamp_(-127, 127).reshape(code.shape))
+
+
+def _factored_step(params, grads, rows, columns, steps, momenta=None, momentum_scales=None, *, lr, decay, b2, eps,
+                   grad_sign, **momentum):
     """The trunk's update with ``sign_step_scale="factored"`` over lists (see ``sign_update``): the factored
     statistics and the clipped normalized step u tensor by tensor (the statistics in float64: a float32 g^2 may
     overflow; stored saturated at their dtype's largest value), the rest over the lists."""
@@ -72,8 +89,13 @@ def _factored_step(params, grads, rows, columns, steps, momenta=None, *, lr, dec
         normalized.append(u.div_(rms.clamp(min=1.0).to(dtype)))  # a step of RMS over 1 clipped to 1 (Adafactor)
     if momenta is None:
         direction, lr = normalized, grad_sign * lr
-    else:  # the momentum of u (grad_sign in its weights)
-        direction = _momentum_direction(normalized, momenta, dtype, **momentum)
+    else:  # the momentum of u (grad_sign in its weights), from and back to int8 codes with their row scales
+        m = widened(momenta, dtype) if momentum_scales is None else _decoded(momenta, momentum_scales, dtype)
+        direction = _momentum_direction(normalized, m, **momentum)
+        if momentum_scales is None:
+            write_back(momenta, m)
+        else:
+            _encode(m, momenta, momentum_scales)
     torch._foreach_mul_(p, decay)
     torch._foreach_sub_(p, torch._foreach_mul(direction, lr))
     write_back(params, p)
@@ -88,9 +110,11 @@ def _sign_step(params, grads, momenta=None, *, lr, decay, sign_momentum=None, gr
     if momenta is None:  # plain signSGD
         direction = g
     else:
-        direction = _momentum_direction(g, momenta, dtype, sign_momentum=sign_momentum, grad_weight=grad_weight,
+        m = widened(momenta, dtype)
+        direction = _momentum_direction(g, m, sign_momentum=sign_momentum, grad_weight=grad_weight,
                                         interpolation=interpolation,
                                         interpolation_grad_weight=interpolation_grad_weight, bound=bound)
+        write_back(momenta, m)  # a 16-bit momentum rounded back
     step = torch._foreach_sign(direction)
     torch._foreach_mul_(step, lr)
     torch._foreach_mul_(p, decay)
@@ -116,6 +140,12 @@ def snr_rule(grad_sq_sum_mean, momentum_abs_mean, *, grad_sq_mean, step, lr, sig
     momentum_size = momentum_abs_mean / one_minus_power(sign_momentum, new_step)  # the bias corrections
     rms = (new_grad_sq_mean / one_minus_power(b2, new_step)).sqrt() + eps
     return torch.clamp(new_grad_sq_mean, max=largest), new_step, lr * momentum_size / rms
+
+
+def _momentum_compute_dtype(tensors):
+    """The dtype the group's momentum is kept within: its own, or its compute dtype for int8 codes."""
+    dtype = tensors.lists["momenta"][0].dtype
+    return dtype if dtype.is_floating_point else compute_dtype(tensors.lists["params"][0])
 
 
 def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolation, sign_step_scale, snr_b2,
@@ -169,9 +199,10 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
     momentum = {} if "momenta" not in tensors.lists else dict(
         sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum), interpolation=sign_interpolation,
         interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation),
-        bound=largest_finite(tensors.lists["momenta"][0].dtype))
+        bound=largest_finite(_momentum_compute_dtype(tensors)))
     if sign_step_scale == "factored":
-        names = ["params", "grads", "rows", "columns", "steps"] + (["momenta"] if momentum else [])
+        names = ["params", "grads", "rows", "columns", "steps"] + [name for name in ("momenta", "momentum_scales")
+                                                                   if name in tensors.lists]
         update(tensors, None, _factored_step, names,
                numbers=dict(lr=lr, decay=decay, b2=snr_b2, eps=snr_eps, grad_sign=grad_sign, **momentum))
         return
@@ -476,7 +507,13 @@ class STAC(SkipNonfiniteOptimizer):
         check_flag("adamw_norm_layers", adamw_norm_layers)
         check_flag("adamw_output_layer", adamw_output_layer)
         betas = tuple(check_pair("betas", betas))
-        sign_state_dtype = resolve_state_dtype("sign_state_dtype", sign_state_dtype)
+        if sign_state_dtype in ("int8", "torch.int8", torch.int8):
+            if sign_step_scale != "factored":
+                raise ValueError("sign_state_dtype=int8 stores the momentum of the factored trunk's normalized step "
+                                 "(values of about 1, which 8-bit codes hold); it needs sign_step_scale='factored'")
+            sign_state_dtype = torch.int8
+        else:
+            sign_state_dtype = resolve_state_dtype("sign_state_dtype", sign_state_dtype)
         model, param_groups = _model_and_param_groups(params, model)
 
         partition = partition_trainable_layers(
@@ -509,7 +546,8 @@ class STAC(SkipNonfiniteOptimizer):
         # parameter's dtype).
         momentum_bytes = 0 if sign_momentum == 0.0 else sign_state_dtype.itemsize if sign_state_dtype else None
         self.partition = dataclasses.replace(partition, sign_state_bytes_per_element=momentum_bytes,
-                                             factored_second_moment=sign_step_scale == "factored")
+                                             factored_second_moment=sign_step_scale == "factored",
+                                             row_scaled_momentum=sign_state_dtype == torch.int8 and sign_momentum != 0.0)
         dtensor = dtensor_type()
         if sign_step_scale == "factored" and dtensor is not None and any(
                 isinstance(param, dtensor) for param in partition.sign_parameters):
@@ -576,6 +614,10 @@ class STAC(SkipNonfiniteOptimizer):
             return state
         state["momentum_buffer"] = torch.zeros_like(param, dtype=self.sign_state_dtype or param.dtype,
                                                     memory_format=torch.preserve_format)
+        if self.sign_state_dtype == torch.int8:  # codes, and a scale per row
+            state["momentum_scale"] = torch.zeros(factored_shape(tuple(param.shape))[0],
+                                                  dtype=torch.promote_types(param.dtype, torch.float32),
+                                                  device=param.device)
         if group["sign_step_scale"] == "snr":
             stat_dtype = torch.promote_types(param.dtype, torch.float32)
             state.update(grad_sq_mean=torch.zeros((), dtype=stat_dtype, device=param.device),
@@ -597,6 +639,8 @@ class STAC(SkipNonfiniteOptimizer):
                          steps=[state["step"] for state in states])
             if group["betas"][0] != 0.0:
                 lists["momenta"] = [state["momentum_buffer"] for state in states]
+            if self.sign_state_dtype == torch.int8 and group["betas"][0] != 0.0:
+                lists["momentum_scales"] = [state["momentum_scale"] for state in states]
             tensors = GroupTensors(self.fused, lists)
             tensors.demote()  # no C kernel
             return read_finite(tensors), (states, tensors, None)
