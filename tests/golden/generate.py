@@ -111,7 +111,7 @@ STAC_SHAPES = [(f"{layer}.{kind}", shape) for layer, (out_f, in_f) in STAC_LAYER
 
 def stac_cases(rng, configurations):
     """A case per ``(name, last_n_layers, hyperparams)``; hyperparams hold lr, weight_decay and optionally
-    sign_momentum, sign_step_scale, betas and eps, as STAC's arguments."""
+    sign_momentum, sign_step_scale, sign_state_dtype ("int8" only), betas and eps, as STAC's arguments."""
     cases = []
     for name, last_n_layers, hyperparams in configurations:
         params, grads = make_inputs(rng, STAC_SHAPES)
@@ -135,7 +135,8 @@ def stac_cases(rng, configurations):
                         p, g, state, lr=sign_lr, sign_momentum=hyperparams.get("sign_momentum", 0.9),
                         sign_step_scale=hyperparams.get("sign_step_scale"),
                         b2=hyperparams.get("betas", (0.9, 0.999))[1], eps=hyperparams.get("eps", 1e-8),
-                        weight_decay=hyperparams["weight_decay"]))
+                        weight_decay=hyperparams["weight_decay"],
+                        int8_momentum=hyperparams.get("sign_state_dtype") == "int8"))
             current = updated
             history.append(current)
         cases.append(as_case(name, hyperparams, [hyperparams["lr"]] * STEPS, STAC_SHAPES, params, grads,
@@ -156,6 +157,8 @@ STAC_FACTORED_CONFIGURATIONS = [
     ("factored", 1, {"lr": 1e-2, "sign_momentum": 0.0, "sign_step_scale": "factored", "weight_decay": 1e-2}),
     ("factored_momentum_all_trunk", 0, {"lr": 3e-2, "sign_momentum": 0.9, "sign_step_scale": "factored",
                                          "weight_decay": 0.1, "betas": [0.9, 0.99], "eps": 1e-6}),
+    ("factored_int8_momentum", 1, {"lr": 1e-2, "sign_momentum": 0.9, "sign_step_scale": "factored",
+                                   "sign_state_dtype": "int8", "weight_decay": 1e-2}),
 ]
 
 

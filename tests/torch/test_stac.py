@@ -54,6 +54,8 @@ def assert_same(before, after):
     dict(last_n_layers=1, lr=1e-2, sign_momentum=0.0, sign_step_scale="factored", weight_decay=1e-2),
     dict(last_n_layers=0, lr=1e-2, sign_momentum=0.9, sign_interpolation=0.5, sign_step_scale="factored",
          maximize=True, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1),
+    dict(last_n_layers=1, lr=1e-2, sign_step_scale="factored", sign_state_dtype="int8", maximize=True,
+         weight_decay=1e-2),
     dict(last_n_layers=1, lr=1e-2, sign_lr=5e-3, adamw_lr=2e-2, weight_decay=1e-2, sign_weight_decay=0.5,
          adamw_weight_decay=0.0),
 ])
@@ -88,12 +90,12 @@ def test_every_step_matches_the_float64_reference(options):
                     sign_step_scale=options.get("sign_step_scale"), b2=options.get("betas", (0.9, 0.999))[1],
                     eps=options.get("eps", 1e-8),
                     weight_decay=options.get("sign_weight_decay", options["weight_decay"]),
-                    maximize=options.get("maximize", False))
+                    maximize=options.get("maximize", False), int8_momentum=options.get("sign_state_dtype") == "int8")
         for name, param in model.named_parameters():
             np.testing.assert_allclose(param.detach().numpy(), ref_params[name], rtol=1e-12, atol=1e-12)
             state = optimizer.state[param]
             for key in ("momentum_buffer", "grad_sq_mean", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
-                        "exp_avg_sq_row", "exp_avg_sq_col"):
+                        "exp_avg_sq_row", "exp_avg_sq_col", "momentum_scale"):
                 assert (key in state) == (key in ref_states[name]), key
                 if key in state:
                     np.testing.assert_allclose(state[key].numpy(), ref_states[name][key], rtol=1e-12, atol=1e-14)
@@ -110,6 +112,7 @@ def test_golden_vectors(case, dtype, tolerance):
     hyper = case["hyperparams"]
     optimizer = STAC(model, last_n_layers=case["last_n_layers"], lr=hyper["lr"],
                      sign_momentum=hyper.get("sign_momentum", 0.9), sign_step_scale=hyper.get("sign_step_scale"),
+                     sign_state_dtype=hyper.get("sign_state_dtype"),
                      weight_decay=hyper["weight_decay"],
                      betas=tuple(hyper.get("betas", (0.9, 0.999))), eps=hyper.get("eps", 1e-8))
     for step_grads, expected in zip(case["grads"], case["expected"]):
