@@ -587,6 +587,33 @@ class STAC(SkipNonfiniteOptimizer):
         options.update(overrides)
         return cls(params, lr=lr, **options)
 
+    @classmethod
+    def compact(cls, params=None, lr=3e-3, **overrides):
+        r"""STAC under a quarter of AdamW's state: a factored trunk with an int8 momentum, the output layer and
+        the normalization layers in the AdamW cap (issue 19).
+
+        ``STAC(model, lr=lr, sign_step_scale="factored", sign_state_dtype=torch.int8, sign_lr=lr,
+        adamw_output_layer=True, adamw_norm_layers=True)``, everything else at
+        STAC's defaults (``sign_momentum=0.9``); ``overrides`` go to ``STAC``
+        and win. The trunk takes Adafactor's normalized step (a factored second
+        moment: a row and a column per tensor, Shazeer & Stern 2018) with the
+        momentum of that step (values of about 1) kept in int8 codes with one
+        float32 scale per row; the cap gets the output layer, tied or not, and
+        the norms, where Zhao et al. (ICLR 2025) find adaptivity matters most.
+        State: about 1 byte per trunk parameter (12.5% of AdamW's 8) plus the
+        cap's 8; both roles step at ``lr``. The evidence, per task and seed, is
+        in ``docs/benchmark/ablation``. Not for sharded (FSDP2) trunks yet.
+
+        Example::
+
+            optimizer = STAC.compact(model, lr=3e-3)
+        """
+        check_range("lr", lr, 0.0, tensor=True)
+        options = dict(sign_step_scale="factored", sign_state_dtype=torch.int8, sign_lr=lr, adamw_output_layer=True,
+                       adamw_norm_layers=True)
+        options.update(overrides)
+        return cls(params, lr=lr, **options)
+
     def add_param_group(self, param_group):
         if getattr(self, "_groups_built", False):
             raise RuntimeError(
