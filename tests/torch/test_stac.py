@@ -172,6 +172,25 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     assert overridden.sign_state_dtype is None and overridden.param_groups[0]["lr"] == 1e-4
 
 
+def test_compact_preset_is_the_factored_trunk_with_int8_momentum_and_the_output_layer_and_norms_in_the_cap():
+    model, twin = mlp(), mlp()
+    preset = STAC.compact(model, lr=2e-3)
+    explicit = STAC(twin, lr=2e-3, sign_lr=2e-3, sign_step_scale="factored", sign_state_dtype="int8",
+                    adamw_output_layer=True, adamw_norm_layers=True)
+    assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 2e-3), ("adamw", 2e-3)]
+    for step in range(3):
+        set_grads(model, seed=step)
+        set_grads(twin, seed=step)
+        preset.step()
+        explicit.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    state = preset.state[model[0].weight]
+    assert state["momentum_buffer"].dtype == torch.int8 and state["momentum_scale"].shape == (4,)
+    assert state["exp_avg_sq_row"].shape == (4,) and state["exp_avg_sq_col"].shape == (3,)
+    assert STAC.compact(mlp(), lr=1e-3, sign_momentum=0.0).state_dict()["param_groups"][0]["betas"][0] == 0.0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr=-1.0), r"lr must be in \[0.0, inf\), got -1.0"),
     (dict(sign_momentum=1.0), r"sign_momentum must be in \[0.0, 1.0\), got 1.0"),
@@ -181,12 +200,13 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     (dict(weight_decay=-0.1), r"weight_decay must be in"),
     (dict(adamw_lr=-1.0), r"adamw_lr must be in"),
     (dict(lr="fast"), r"lr must be a number or a 0-d floating tensor, got 'fast'"),
-    (dict(sign_state_dtype=torch.int8), r"sign_state_dtype must be a floating torch dtype"),
+    (dict(sign_state_dtype=torch.int16), r"sign_state_dtype must be a floating torch dtype"),
     (dict(sign_state_dtype="bfloat17"), r"sign_state_dtype must be a floating torch dtype"),
     (dict(last_n_layers=1.5), r"last_n_layers must be an integer >= 0"),
     (dict(sign_interpolation=1.0), r"sign_interpolation must be in \[0.0, 1.0\), got 1.0"),
     (dict(sign_step_scale="rms"), r"sign_step_scale must be None, 'snr' or 'factored', got 'rms'"),
     (dict(sign_step_scale="snr", sign_momentum=0.0), r"needs sign_momentum > 0"),
+    (dict(sign_state_dtype="int8"), r"sign_state_dtype=int8 .* needs sign_step_scale='factored'"),
 ])
 def test_bad_hyperparameters_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
