@@ -546,7 +546,8 @@ class STAC(SkipNonfiniteOptimizer):
         # parameter's dtype).
         momentum_bytes = 0 if sign_momentum == 0.0 else sign_state_dtype.itemsize if sign_state_dtype else None
         self.partition = dataclasses.replace(
-            partition, sign_state_bytes_per_element=momentum_bytes, factored_second_moment=sign_step_scale == "factored",
+            partition, sign_state_bytes_per_element=momentum_bytes,
+            factored_second_moment=sign_step_scale == "factored",
             row_scaled_momentum=sign_state_dtype == torch.int8 and sign_momentum != 0.0)
         dtensor = dtensor_type()
         if sign_step_scale == "factored" and dtensor is not None and any(
