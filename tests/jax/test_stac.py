@@ -13,7 +13,8 @@ import pytest
 import reference
 from stac_stam.jax import stac, stac_partition, stac_recommended
 
-GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stac.json").read_text())
+GOLDEN = {"cases": [case for filename in ("stac.json", "stac_factored.json") for case in json.loads(
+    (pathlib.Path(__file__).resolve().parents[1] / "golden" / filename).read_text())["cases"]]}
 
 
 def golden_tree(case, values, dtype):
@@ -27,7 +28,8 @@ def golden_tree(case, values, dtype):
 def make_stac(case):
     hyper = case["hyperparams"]
     return stac(hyper["lr"], case["last_n_layers"], sign_momentum=hyper.get("sign_momentum", 0.9),
-                weight_decay=hyper["weight_decay"], betas=hyper.get("betas"), eps=hyper.get("eps", 1e-8))
+                weight_decay=hyper["weight_decay"], betas=hyper.get("betas"), eps=hyper.get("eps", 1e-8),
+                sign_step_scale=hyper.get("sign_step_scale"), sign_state_dtype=hyper.get("sign_state_dtype"))
 
 
 @pytest.mark.parametrize("case", GOLDEN["cases"], ids=[c["name"] for c in GOLDEN["cases"]])
@@ -69,7 +71,10 @@ def test_every_step_matches_the_float64_reference(case):
                 else:
                     ref[name] = reference.sign_step(ref[name], g, ref_states[name], lr=sign_lr,
                                                     sign_momentum=hyper.get("sign_momentum", 0.9),
-                                                    weight_decay=hyper["weight_decay"])
+                                                    sign_step_scale=hyper.get("sign_step_scale"),
+                                                    b2=hyper.get("betas", (0.9, 0.999))[1],
+                                                    eps=hyper.get("eps", 1e-8), weight_decay=hyper["weight_decay"],
+                                                    int8_momentum=hyper.get("sign_state_dtype") == "int8")
                 np.testing.assert_allclose(params[layer][kind], ref[name], rtol=1e-12, atol=1e-12)
 
 
@@ -256,7 +261,8 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     (dict(betas=(0.9, 0.99), b1=0.8), r"give betas or b1/b2, not both"),
     (dict(adamw_weight_decay=-1.0), r"adamw_weight_decay must be in \[0.0, inf\)"),
     (dict(sign_learning_rate=-1e-3), r"sign_learning_rate must be in \[0.0, inf\)"),
-    (dict(sign_step_scale="rms"), r"sign_step_scale must be None or 'snr', got 'rms'"),
+    (dict(sign_step_scale="rms"), r"sign_step_scale must be None, 'snr' or 'factored', got 'rms'"),
+    (dict(sign_state_dtype=jnp.int8), r"sign_state_dtype=int8 .* needs sign_step_scale='factored'"),
     (dict(sign_step_scale="snr", sign_momentum=0.0), r"needs sign_momentum > 0"),
 ])
 def test_bad_input_names_the_argument(kwargs, message):
