@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import reference
-from stac_stam.jax import stac, stac_partition, stac_recommended
+from stac_stam.jax import stac, stac_compact, stac_partition, stac_recommended
 
 GOLDEN = {"cases": [case for filename in ("stac.json", "stac_factored.json") for case in json.loads(
     (pathlib.Path(__file__).resolve().parents[1] / "golden" / filename).read_text())["cases"]]}
@@ -251,6 +251,27 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state))
     assert not any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(
         stac_recommended(learning_rate, sign_state_dtype=None).init(params)))
+
+
+def test_compact_preset_is_the_factored_int8_trunk_with_the_last_layer_and_the_norms_in_the_cap():
+    params = {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.zeros(4)},
+              "norm": {"scale": jnp.ones(4)}, "head": {"kernel": jnp.ones((4, 2))}}
+    preset = stac_compact(2e-3)
+    explicit = stac(2e-3, sign_step_scale="factored", sign_state_dtype=jnp.int8, sign_learning_rate=2e-3,
+                    partition=stac_partition(params, 1, adamw_norm_layers=True, adamw_output_layer=True))
+    results = []
+    for optimizer in (preset, explicit):
+        state, current = optimizer.init(params), params
+        for step in range(3):
+            updates, state = jax.jit(optimizer.update)(jax.tree.map(lambda p: jnp.cos(p + step), current), state,
+                                                       current)
+            current = optax.apply_updates(current, updates)
+        results.append((current, state))
+    jax.tree.map(np.testing.assert_array_equal, results[0][0], results[1][0])
+    partition = stac_partition(params, 0, adamw_norm_layers=True, adamw_output_layer=True)
+    assert partition.sign_layer_names == ("dense",) and set(partition.adamw_layer_names) == {"norm", "head"}
+    int8_leaves = [leaf for leaf in jax.tree.leaves(results[0][1]) if leaf.dtype == jnp.int8]
+    assert [leaf.shape for leaf in int8_leaves] == [(4,), (3, 4)]  # the trunk's momentum codes, nothing else
 
 
 @pytest.mark.parametrize("kwargs, message", [
