@@ -274,6 +274,21 @@ def test_compact_preset_is_the_factored_int8_trunk_with_the_last_layer_and_the_n
     assert [leaf.shape for leaf in int8_leaves] == [(4,), (3, 4)]  # the trunk's momentum codes, nothing else
 
 
+@pytest.mark.parametrize("sign_state_dtype", [None, jnp.int8])
+def test_factored_trunk_keeps_params_and_state_finite_on_finite_gradients_of_any_size(sign_state_dtype):
+    # As PyTorch's registry test: g^2 overflows float32 here, and XLA's CPU division flushed 1 / 3e38 to 0.
+    params = {"a": {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, "b": {"w": jnp.ones(4)}}
+    optimizer = stac(1e-2, 0, sign_step_scale="factored", sign_state_dtype=sign_state_dtype)
+    state, update = optimizer.init(params), jax.jit(optimizer.update)
+    largest = float(jnp.finfo(jnp.float32).max)
+    for value in (1e38, -largest, largest, -largest, 1e-45, 1e30, 0.0, -1e20):
+        updates, state = update(jax.tree.map(lambda p: jnp.full_like(p, value), params), state, params)
+        params = optax.apply_updates(params, updates)
+    assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves((params, state))
+               if jnp.issubdtype(leaf.dtype, jnp.floating))
+    assert int(state.nonfinite_skipped_steps) == 0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(learning_rate=-1.0), r"learning_rate must be in \[0.0, inf\)"),
     (dict(last_n_layers=-1), r"last_n_layers must be an integer >= 0, got -1"),

@@ -212,8 +212,13 @@ def scale_by_factored(sign_momentum, b2, eps, sign_state_dtype=None):
             largest = jnp.finfo(dtype).max
             row = jnp.minimum(b2_step * row + b2_complement * jnp.sum(square, 1) / max(columns, 1), largest)
             column = jnp.minimum(b2_step * column + b2_complement * jnp.sum(square, 0) / max(rows, 1), largest)
-            row_mean = jnp.maximum(jnp.mean(row), jnp.finfo(dtype).tiny) if rows else jnp.ones([], dtype)
-            row_rms = jnp.sqrt(row / (row_mean * (1 - b2 ** count.astype(dtype))))
+            # R / mean(R) as (R / max R) / mean(R / max R): a mean of float32 maxima would overflow. Both scaled by
+            # 2^-64 first when large: XLA's CPU divides through a reciprocal, which flushes 1 / 3e38 to 0.
+            top = jnp.max(row, initial=0)
+            shrink = jnp.where(top > 2.0 ** 64, 2.0 ** -64, 1.0).astype(dtype)
+            relative = row * shrink / jnp.maximum(top * shrink, jnp.finfo(dtype).tiny)
+            row_mean = jnp.maximum(jnp.mean(relative), jnp.finfo(dtype).tiny) if rows else jnp.ones([], dtype)
+            row_rms = jnp.sqrt(relative / (row_mean * (1 - b2 ** count.astype(dtype))))
             u = g / (jnp.outer(row_rms, jnp.sqrt(column)) + eps).reshape(grad.shape)
             u = u / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(u)) / max(u.size, 1)), 1)
             if momentum is None:
