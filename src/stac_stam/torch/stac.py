@@ -379,8 +379,14 @@ class STAC(SkipNonfiniteOptimizer):
                                   cap, ``lr`` when every layer is in the trunk)
     wd_s / wd_a                   ``sign_weight_decay`` / ``adamw_weight_decay``
                                   (default ``weight_decay``, 0.0 as in stac-optimizer 0.1.5)
-    storage dtype of m            ``sign_state_dtype`` (default: the parameter's)
+    storage dtype of m            ``sign_state_dtype`` (default: the parameter's;
+                                  ``torch.int8`` with "factored": codes and a
+                                  float32 scale per row, ``momentum_scale``)
     ============================  ===================================================
+
+    ``STAC.compact`` is the configuration under a quarter of AdamW's state
+    (the factored trunk with int8 momentum, the output layer and the norms in
+    the cap); ``STAC.recommended`` the earlier sign-trunk one.
 
     Seed 000's names still work: ``trunk_momentum``, ``trunk_lr``, ``cap_lr``,
     ``trunk_weight_decay``, ``cap_weight_decay``; giving one with a different
