@@ -64,7 +64,7 @@ def test_a_failing_run_is_marked_and_the_rest_goes_on(tmp_path, monkeypatch, cap
 
 
 def test_the_speed_benchmarks_quick_section():
-    speed = run_speed(quick=True, progress=False)
+    speed = run_speed("quick", progress=False)
     for framework, yardstick in (("torch", "AdamW fused"), ("jax", "optax.adamw")):
         for shape, block in speed[framework].items():
             assert block["optimizers"][yardstick]["ratio_to_yardstick"] == 1.0
@@ -96,5 +96,5 @@ def test_the_speed_benchmarks_quick_section():
     # JAX compile time: the median of one compile per round.
     for shape, block in speed["jax"].items():
         for name, entry in block["optimizers"].items():
-            assert len(entry["compile_s_each"]) == speed["compile_rounds"] == 2, (shape, name)
+            assert len(entry["compile_s_each"]) == speed["compile_rounds"] >= 1, (shape, name)
             assert entry["compile_s"] == statistics.median(entry["compile_s_each"]) > 0, (shape, name)
