@@ -84,14 +84,20 @@ def _packaged():
 
 
 def prepare():
-    """Start building the library in the background where it is neither packaged nor cached nor loaded: an
-    optimizer's constructor calls this, so its first step finds the build (~1 s) done or under way."""
+    """Load the library, or where it must be built first start the build in the background: an optimizer's
+    constructor calls this, so its first step finds the library loaded, or its build (~1 s) done or under
+    way."""
     global _building
-    if _library is None and _building is None and _packaged() is None:
+    if _library is not None or _building is not None:
+        return
+    if _packaged() is None:
         try:
             _building = _Build()
         except OSError:
-            pass  # _load tries again, and warns
+            return  # _load tries again, and warns
+        if _building.process is not None:
+            return
+    _load()
 
 
 def _load():
