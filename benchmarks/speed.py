@@ -81,8 +81,8 @@ QUICK_SHAPES = {"large": dict(layers=2, width=512), "stack": dict(blocks=1, widt
 # (~20 ms steps of a 0.5 ms update under load), which times the machine's other tenants, not the optimizers.
 TORCH_THREADS = 1
 LIBRARY = ["STAC", "STAC bf16 state", "STAC plain sign", "STAC recommended", "STAM", "STAMLite"]
-# The PyTorch optimizers but AdamW8bit, whose first step compiles (~30 s) and whose step takes 7 s on the large
-# shape at one thread; the JAX yardstick and library.
+# Every PyTorch optimizer but AdamW8bit, whose first step compiles (~30 s) and whose step takes 7 s on the large
+# shape at one thread; JAX's yardstick with the library.
 TORCH_BUT_8BIT = ["AdamW fused", "AdamW foreach", *LIBRARY, "Lion", "SGD momentum", "Adafactor"]
 JAX_LIBRARY = ["optax.adamw", "STAM", "STAMLite", "STAC", "STAC recommended"]
 # What each mode runs (None: every optimizer). "quick" runs every part as little as its test needs (its fresh
