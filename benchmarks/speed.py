@@ -9,13 +9,17 @@ and XLA's compile of the train step) is reported apart, the median of
 ``compile_rounds`` compiles taken round-robin like the steps: four compiles of
 the 195-tensor STAM step took 4.2-6.0 s in one process. Optimizers are timed
 round-robin over ``rounds`` rounds and the median is kept, so drift of the
-machine hits all of them alike; PyTorch on one thread (``TORCH_THREADS``).
+machine hits all of them alike. PyTorch runs on one thread (``TORCH_THREADS``)
+and its steps and floors are timed by that thread's CPU time
+(``time.thread_time``: all their work runs on it), so a step the machine's
+other tenants preempt is not charged for their time slices; JAX (whose XLA
+runs its own threads), first steps and FSDP2 by the wall clock.
 What runs, and how often, depends on the mode (``MODES``: quick, default,
 full). The machine's memory-bandwidth floor is the
 time of an in-place ``mul_`` over a buffer of the same bytes (read + write),
 timed in the same rounds (median); its read floor is the time of the faster of
 two reads (``read_probes``: torch's ``sum``, the C kernels' finiteness read)
-over a buffer of as many bytes as fused AdamW reads, in the same rounds. A
+over a buffer of as many bytes as the gradients, in the same rounds. A
 pass that only reads (STAM's statistics, a non-finite check) is bound by the
 read floor, which on some hosts is well below the bandwidth floor.
 
@@ -242,8 +246,8 @@ def bandwidth_probe(n_bytes):
 
 def read_probes(n_bytes):
     """Steps that only read ``n_bytes`` (one float32 buffer), by name: torch's ``sum``, and where the library's C
-    kernels load their finiteness read (a vectorized max over the values' bits), which on one thread here reads
-    faster than ``sum`` adds (26 against 16 GB/s): the read floor is the faster of the two."""
+    kernels load their finiteness read (a vectorized max over the values' bits). Either may be the faster on a
+    host; the read floor is the faster of the two."""
     import torch
 
     from stac_stam.torch import _cpu_kernels
@@ -298,19 +302,19 @@ def run_torch(shapes, rounds, progress, names):
         n_params = sum(p.numel() for p in model.parameters())
         # The floors are timed in the same rounds as the optimizers, so they see the machine they see.
         probe, probe_times = bandwidth_probe(28 * n_params), []
-        reads = {name: (read, []) for name, read in read_probes(16 * n_params).items()}
+        reads = {name: (read, []) for name, read in read_probes(4 * n_params).items()}
         check, check_times = nonfinite_check(model), []
         probe(), check(), *(read() for read, _ in reads.values())
         steps = [(optimizer.step, times) for _, optimizer, times in entries.values()]
         steps += [(probe, probe_times), *reads.values(), (check, check_times)]
         for _ in range(rounds):
             for step, times in steps:
-                start = time.perf_counter()
+                start = time.thread_time()  # the step's CPU time: all its work runs on this thread
                 step()
-                times.append(time.perf_counter() - start)
+                times.append(time.thread_time() - start)
         floor_seconds_per_byte = statistics.median(probe_times) / (28 * n_params)
         read_probe = min(reads, key=lambda name: statistics.median(reads[name][1]))
-        read_seconds_per_byte = statistics.median(reads[read_probe][1]) / (16 * n_params)
+        read_seconds_per_byte = statistics.median(reads[read_probe][1]) / (4 * n_params)
         del probe, reads, check, steps
         yardstick = statistics.median(entries["AdamW fused"][2])
         adamw_seconds_per_byte = yardstick / (28 * n_params)
