@@ -101,7 +101,7 @@ MODES = {
                     compile_rounds=1, jax_shapes=list(SHAPES), jax_names=JAX_LIBRARY,
                     first_step_names=["STAC", "STAC recommended", "STAM", "STAMLite"], transient_shapes=["stack"],
                     preload=["torch"]),
-    "full": dict(shapes=SHAPES, rounds=25, torch_names=dict(large=None, stack=None), compile_rounds=3,
+    "full": dict(shapes=SHAPES, rounds=15, torch_names=dict(large=None, stack=None), compile_rounds=3,
                  jax_shapes=list(SHAPES), jax_names=None, first_step_names=None, transient_shapes=list(SHAPES),
                  preload=["torch"]),
 }
