@@ -166,7 +166,7 @@ def main(argv=None):
             progress.print(f"speed benchmark (~{runner.clock(speed_estimate_s)}) | {progress.status()}")
             try:
                 from benchmarks.speed import run_speed
-                result["speed"] = run_speed(args.quick, tuple(args.frameworks))
+                result["speed"] = run_speed(result["mode"], tuple(args.frameworks))
             except Exception as error:  # noqa: BLE001 (the quality results are still worth writing)
                 result["speed"] = {"error": f"{type(error).__name__}: {error}"}
                 progress.print(f"speed benchmark FAILED: {result['speed']['error']}")

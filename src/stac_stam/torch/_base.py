@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from stac_stam.partition import same_parameter_names
+from stac_stam.torch import _cpu_kernels
 from stac_stam.torch._kernels import all_finite, dtensor_type
 
 # The dtypes optimizer state may be kept in (float8 has no arithmetic on most devices).
@@ -147,6 +148,8 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults, error_if_nonfinite, fused):
         check_flag("error_if_nonfinite", error_if_nonfinite)
         check_flag("fused", fused)
+        if fused:
+            _cpu_kernels.prepare()  # the C kernels build (where they must) while the rest of the setup runs
         super().__init__(params, defaults)
         self.error_if_nonfinite = error_if_nonfinite
         self.fused = fused
