@@ -82,6 +82,20 @@ def ablation_registry():
         "STAC + norms, embeddings in cap": stac_row(adamw_norm_layers=True, embeddings_in_cap=True),
         "STAC + Lion interpolation": stac_row(sign_interpolation=0.9, sign_momentum=0.99),
         "STAC + SNR step, trunk lr x3": stac_row(sign_step_scale="snr", sign_lr_scale=3.0),
+        # STAC.compact's changes (issue 19), each alone and combined; the trunk at the cap's rate in all of them.
+        "STAC factored trunk": stac_row(sign_step_scale="factored", sign_momentum=0.0, sign_lr_scale=1.0),
+        "STAC factored trunk + int8 momentum": stac_row(sign_step_scale="factored", sign_state_dtype="int8",
+                                                        sign_lr_scale=1.0),
+        "STAC + output layer, norms in cap": stac_row(adamw_output_layer=True, adamw_norm_layers=True),
+        "STAC factored trunk, output layer, norms in cap": stac_row(
+            sign_step_scale="factored", sign_momentum=0.0, sign_lr_scale=1.0, adamw_output_layer=True,
+            adamw_norm_layers=True),
+        "STAC compact (factored + int8 momentum, output layer, norms in cap)": stac_row(
+            sign_step_scale="factored", sign_state_dtype="int8", sign_lr_scale=1.0, adamw_output_layer=True,
+            adamw_norm_layers=True),
+        "STAC compact with bf16 momentum": stac_row(
+            sign_step_scale="factored", sign_state_dtype="bfloat16", sign_lr_scale=1.0, adamw_output_layer=True,
+            adamw_norm_layers=True),
     }
 
 

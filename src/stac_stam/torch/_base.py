@@ -412,10 +412,10 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
             value = saved[key]
             if key == "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 value = torch.tensor(float(value))
-            if not torch.is_tensor(value) or value.dtype not in STATE_DTYPES:
+            if not torch.is_tensor(value) or (value.dtype not in STATE_DTYPES and value.dtype != target.dtype):
                 form = f"a {value.dtype} tensor" if torch.is_tensor(value) else repr(value)
-                raise ValueError(f"checkpoint state {key!r} of parameter {label} must be a floating tensor, got "
-                                 f"{form}")
+                kind = "an int8" if target.dtype == torch.int8 else "a floating"  # STAC's int8 momentum codes
+                raise ValueError(f"checkpoint state {key!r} of parameter {label} must be {kind} tensor, got {form}")
             if value.shape != target.shape:
                 raise ValueError(f"checkpoint state {key!r} of parameter {label} has shape "
                                  f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
