@@ -87,10 +87,11 @@ def _task_section(framework, task, block):
         lines.append(f"Discrimination check: best ({check['best']}) and worst ({check['worst']}) differ by "
                      f"{check['standard_errors']:.1f} standard errors: "
                      + ("passes" if check["passes"] else "**fails**") + f" (needs > {protocol.DISCRIMINATION_SE:g}).")
-    resolved = protocol.resolution(yardstick) if yardstick else None
+    resolved = protocol.resolution(block["optimizers"], YARDSTICK[framework]) if yardstick else None
     if resolved is not None:
-        lines.append(f"Resolution: a gap to {YARDSTICK[framework]} under {resolved:.1%} can be a tie at these "
-                     "seeds" + ("." if resolved <= 0.02 else " (**more than 2%**: this task needs more seeds)."))
+        lines.append(f"Resolution: a gap to {YARDSTICK[framework]} under {resolved:.1%} (2 median standard errors "
+                     "of the gaps to it) can be a tie at these seeds"
+                     + ("." if resolved <= 0.02 else " (**more than 2%**: this task needs more seeds)."))
     lines += ["", f"| optimizer | lr | lr from | val loss ± SE | vs {YARDSTICK[framework]} | val acc | state "
                   f"| state vs {YARDSTICK[framework]} |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for name, e in block["optimizers"].items():
