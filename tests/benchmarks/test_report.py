@@ -17,9 +17,8 @@ def entry(losses, state, suite="default"):
     mean, se = mean_and_se(losses)
     return {"best_lr": 0.003, "lr_source": "swept in this run", "sweep": {"0.003": losses[0] if losses else None},
             "val_losses": losses, "val_loss_seeds": list(range(len(losses))), "mean": mean, "se": se,
-            "seeds": len(losses),
-            "diverged": sum(v is None for v in losses), "val_accuracy_mean": None, "state_bytes": state, "run_cpu_seconds": 1.0, "suite": suite,
-            "failures": []}
+            "seeds": len(losses), "diverged": sum(v is None for v in losses), "val_accuracy_mean": None,
+            "state_bytes": state, "run_cpu_seconds": 1.0, "suite": suite, "failures": []}
 
 
 def synthetic_result():
@@ -49,7 +48,8 @@ def synthetic_result():
 def test_the_readme_carries_gaps_with_standard_errors_ties_failures_and_the_checks():
     text = report.readme(synthetic_result())
     assert "Run of 2026-12-02T10:00:00+00:00 at commit abc1234" in text
-    assert text.count("Discrimination check: best (AdamW) and worst (Lion) differ by 50.0 standard errors: passes") == 2
+    assert text.count("Discrimination check: best (AdamW) and worst (Lion) differ by 50.0 standard errors of their "
+                      "seed-paired gap: passes") == 2
     assert "| AdamW | 0.003 | this run | 1.0000 ± 0.0058 | reference |" in text
     # Gaps are paired by seed: AdamW8bit's per-seed differences 0, 0.01, 0.02 have an SE of 0.01 / sqrt(3);
     # Adafactor's 0.10, 0.10, 0.13 one of 0.01.
