@@ -52,7 +52,7 @@ TASKS = {
     "jax": {
         "digits_mlp": Spec("benchmarks.jax_tasks:digits_mlp", 400, 3, 1,
                            "MLP 64-128-128-10 (GELU) on scikit-learn's 8x8 digits, batch 64"),
-        "nonstationary": Spec("benchmarks.jax_tasks:nonstationary", 400, 3, 1,
+        "nonstationary": Spec("benchmarks.jax_tasks:nonstationary", 400, 8, 1,
                               "tanh MLP on seed 002's stress regression (as the PyTorch task)"),
     },
 }
