@@ -11,9 +11,11 @@ cores), a step of 32 windows of 64 characters costs 43 ms at 2 layers x 64,
 34 s, 86 s and 170 s a run; 9 optimizers x 2 seeds at 4 x 128 alone would take
 3,060 s of worker time, against the 1,440 s (12 minutes on 2 workers) the
 default run has for every task. Measured on 2026-12-02 with every optimizer
-swept: the residual task's best and worst differed by 7.3 standard errors at 5
-seeds (a gap to AdamW of 2.2% could tie: hence 8 seeds), the non-stationary
-task's by 6.1 (Lion's seeds spread widely: 8 seeds), digits' by 13.9.
+swept (standard errors of the seed-paired gap): PyTorch digits' best and worst
+differed by 13.9 at 5 seeds; the residual task's by 7.3 at 5 (a gap to AdamW
+of 2.2% could still tie: hence 8 seeds); the non-stationary task's by 6.1 at 5
+(Lion's seeds spread widely: 8); JAX digits' by far more than 5 at 3; JAX
+non-stationary's best and Lion by 3.6 at 3 seeds and 6.7 at 8.
 """
 
 from dataclasses import dataclass
