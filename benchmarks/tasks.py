@@ -16,7 +16,7 @@ differed by 13.9 at 5 seeds; MNIST's by 6.9 at 4; the residual task's by 7.3
 at 5 (a gap to AdamW of 2.2% could still tie: hence 8 seeds); the
 non-stationary task's by 6.1 at 5 (Lion's seeds spread widely: 8). In JAX,
 Lion's seeds spread as widely: digits' best and worst differed by 2.9 at 3
-seeds (hence 10), the non-stationary task's by 3.6 at 3 and 6.7 at 8.
+seeds and 7.2 at 10, the non-stationary task's by 3.6 at 3 and 6.7 at 8.
 """
 
 from dataclasses import dataclass
