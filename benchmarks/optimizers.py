@@ -31,23 +31,19 @@ def resolve(path):
 class Row:
     """An optimizer: ``path`` called with the model (``takes="model"``, as STAC), its parameters (PyTorch) or
     nothing (optax), then ``lr`` and ``options``. ``sign_lr_scale`` sets STAC's ``sign_lr`` to that multiple of
-    the run's rate; ``embeddings_in_cap`` routes its embeddings to the AdamW cap; ``partition`` gives optax STAC
-    the model's own partition."""
+    the run's rate; ``partition`` gives optax STAC the model's own partition."""
     path: str
     grid: tuple = GRID_ADAM_LIKE
     options: dict = field(default_factory=dict)
     takes: str = "params"
     suite: str = "default"
     sign_lr_scale: float = None
-    embeddings_in_cap: bool = False
     partition: bool = False
 
     def make(self, model_or_params, lr):
         options = dict(self.options)
         if self.sign_lr_scale is not None:
             options["sign_lr"] = self.sign_lr_scale * lr
-        if self.embeddings_in_cap:
-            options["adamw_params"] = embedding_parameters(model_or_params)
         if self.partition:
             options["partition"] = resolve("stac_stam.jax:stac_partition")(model_or_params)
         build = resolve(self.path)
@@ -58,41 +54,28 @@ class Row:
         return build(lr, **options)  # optax: the transformation alone
 
 
-def embedding_parameters(model):
-    """A predicate for ``STAC(adamw_params=...)``: the parameters of the model's ``nn.Embedding`` layers."""
-    import torch
-
-    names = {f"{module_name}.{name}" if module_name else name
-             for module_name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)
-             for name, _ in module.named_parameters(recurse=False)}
-    return lambda name: name in names
-
-
 def stac_row(**options):
-    """An ablation row: STAC with these options (``sign_lr_scale`` and ``embeddings_in_cap`` as in ``Row``)."""
-    special = {key: options.pop(key) for key in ("sign_lr_scale", "embeddings_in_cap") if key in options}
-    return Row("stac_stam.torch:STAC", options=options, takes="model", suite="ablation", **special)
+    """An ablation row: STAC with these options (``sign_lr_scale`` as in ``Row``)."""
+    sign_lr_scale = options.pop("sign_lr_scale", None)
+    return Row("stac_stam.torch:STAC", options=options, takes="model", suite="ablation", sign_lr_scale=sign_lr_scale)
 
 
 def ablation_registry():
-    """STAC's candidate changes; the seeds' STAC, ``STAC.recommended`` and the peers are the default suite's rows."""
+    """STAC's candidate changes; the seeds' STAC, ``STAC.recommended``, ``STAC.compact`` and the peers are the
+    default suite's rows."""
     return {
         "STAC plain sign": stac_row(sign_momentum=0.0),
         "STAC bf16 state": stac_row(sign_state_dtype="bfloat16"),
         "STAC last 2": stac_row(last_n_layers=2),
-        "STAC + norms, embeddings in cap": stac_row(adamw_norm_layers=True, embeddings_in_cap=True),
-        "STAC + Lion interpolation": stac_row(sign_interpolation=0.9, sign_momentum=0.99),
         "STAC + SNR step, trunk lr x3": stac_row(sign_step_scale="snr", sign_lr_scale=3.0),
-        # STAC.compact's changes (issue 19), each alone and combined; the trunk at the cap's rate in all of them.
+        # STAC.compact's changes (issue 19), each alone and combined (all of them: the default suite's "STAC
+        # compact"); the trunk at the cap's rate in all of them.
         "STAC factored trunk": stac_row(sign_step_scale="factored", sign_momentum=0.0, sign_lr_scale=1.0),
         "STAC factored trunk + int8 momentum": stac_row(sign_step_scale="factored", sign_state_dtype="int8",
                                                         sign_lr_scale=1.0),
         "STAC + output layer, norms in cap": stac_row(adamw_output_layer=True, adamw_norm_layers=True),
         "STAC factored trunk, output layer, norms in cap": stac_row(
             sign_step_scale="factored", sign_momentum=0.0, sign_lr_scale=1.0, adamw_output_layer=True,
-            adamw_norm_layers=True),
-        "STAC compact (factored + int8 momentum, output layer, norms in cap)": stac_row(
-            sign_step_scale="factored", sign_state_dtype="int8", sign_lr_scale=1.0, adamw_output_layer=True,
             adamw_norm_layers=True),
         "STAC compact with bf16 momentum": stac_row(
             sign_step_scale="factored", sign_state_dtype="bfloat16", sign_lr_scale=1.0, adamw_output_layer=True,
@@ -110,6 +93,7 @@ def torch_registry():
         "SGD momentum": Row("torch.optim:SGD", GRID_SGD, options={"momentum": 0.9}),
         "STAC": Row("stac_stam.torch:STAC", takes="model"),
         "STAC recommended": Row("stac_stam.torch:STAC.recommended", takes="model"),
+        "STAC compact": Row("stac_stam.torch:STAC.compact", takes="model"),
         "STAM": Row("stac_stam.torch:STAM"),
         "STAMLite": Row("stac_stam.torch:STAMLite"),
         **ablation_registry(),
@@ -132,6 +116,7 @@ def jax_registry():
         "lamb": Row("optax:lamb", takes="nothing"),
         "STAC": Row("stac_stam.jax:stac", takes="nothing", partition=True),
         "STAC recommended": Row("stac_stam.jax:stac_recommended", takes="nothing", partition=True),
+        "STAC compact": Row("stac_stam.jax:stac_compact", takes="nothing", partition=True),
         "STAM": Row("stac_stam.jax:stam", takes="nothing"),
         "STAMLite": Row("stac_stam.jax:stam_lite", takes="nothing"),
     }

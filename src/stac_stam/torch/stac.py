@@ -582,7 +582,7 @@ class STAC(SkipNonfiniteOptimizer):
         noisy layers, 1 on consistent ones), and the 3x trunk rate gives the
         size back on average while keeping the per-layer differences. The bf16
         momentum keeps the trunk at a quarter of AdamW's state. The evidence,
-        per task and seed, is in ``docs/benchmark/ablation``.
+        per task and seed, is in ``docs/benchmark/README.md``.
 
         Example::
 
@@ -609,7 +609,7 @@ class STAC(SkipNonfiniteOptimizer):
         the norms, where Zhao et al. (ICLR 2025) find adaptivity matters most.
         State: about 1 byte per trunk parameter (12.5% of AdamW's 8) plus the
         cap's 8; both roles step at ``lr``. The evidence, per task and seed, is
-        in ``docs/benchmark/ablation``. Not for sharded (FSDP2) trunks yet.
+        in ``docs/benchmark/README.md``. Not for sharded (FSDP2) trunks yet.
 
         Example::
 
