@@ -73,9 +73,12 @@ def test_every_step_matches_the_float64_reference(case):
                 np.testing.assert_allclose(params[layer][kind], ref[name], rtol=1e-12, atol=1e-12)
 
 
-def test_cap_only_is_optax_adamw():
+@pytest.mark.parametrize("weight_decay", [None, 1e-2])
+def test_cap_only_is_optax_adamw(weight_decay):
+    # None: stac's default weight decay, 0.0 as in the PyTorch STAC and stac-optimizer 0.1.5.
     params = {"a": {"w": jnp.linspace(-1, 1, 6).reshape(2, 3)}, "b": {"w": jnp.ones(3)}}
-    ours, theirs = stac(1e-2, last_n_layers=5), optax.adamw(1e-2, weight_decay=1e-2)
+    ours = stac(1e-2, last_n_layers=5, **({} if weight_decay is None else {"weight_decay": weight_decay}))
+    theirs = optax.adamw(1e-2, weight_decay=weight_decay or 0.0)
     sa, sb = ours.init(params), theirs.init(params)
     a = b = params
     for step in range(4):

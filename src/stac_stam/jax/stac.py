@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stac_stam.jax._common import all_finite_flag, check_range, scalar_dtype, skip_nonfinite_steps, skip_weights
+from stac_stam.jax._common import (all_finite_flag, check_floating_dtype, check_range, scalar_dtype,
+                                    skip_nonfinite_steps, skip_weights)
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import check_last_n_layers, split_layers, tree_layers
 
@@ -49,7 +50,7 @@ class PytreePartition:
         return jax.tree_util.tree_map_with_path(label, params)
 
 
-def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_params=None):
+def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_output_layer=False, adamw_params=None):
     """Split a parameter pytree into a sign trunk and an AdamW cap, in the tree's insertion order.
 
     The order is the one the mappings were built in (definition order in
@@ -59,15 +60,26 @@ def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_pa
     sorted keys). ``last_n_layers`` as in PyTorch: 0 keeps everything in the
     trunk, an oversized value moves everything to the cap.
     ``adamw_norm_layers=True`` also sends every layer whose name matches
-    ``norm`` or ``ln`` to the cap; ``adamw_params`` is a predicate over leaf
-    paths (``"params/Dense_0/bias"``) that sends matching leaves to the cap.
+    ``norm`` or ``ln`` to the cap; ``adamw_output_layer=True`` sends the last
+    layer's leaves (a pytree shares nothing: its output layer is its last
+    layer); ``adamw_params`` is a predicate over leaf paths
+    (``"params/Dense_0/bias"``) that sends matching leaves to the cap. A flax
+    head tied to the embedding (``nn.Embed.attend``) has no leaf of its own, so
+    ``adamw_output_layer`` cannot see it: send the embedding with
+    ``adamw_params=lambda path: path == "params/wte/embedding"``. A bare array
+    as ``params`` is one layer, ``"<root>"``, whose leaf is named ``"0"``.
     """
     check_last_n_layers(last_n_layers)
-    layers = tree_layers(params)
+    if not isinstance(adamw_norm_layers, bool):
+        raise ValueError(f"adamw_norm_layers must be True or False, got {adamw_norm_layers!r}")
+    bare = hasattr(params, "shape") and hasattr(params, "dtype")
+    layers = tree_layers([params] if bare else params)
     if not layers:
         raise ValueError("params has no array leaves: STAC needs at least one parameter")
-    split = split_layers(layers, last_n_layers, adamw_norm_layers=adamw_norm_layers, adamw_params=adamw_params)
-    label_by_path = {path: role for role, part in (("sign", split.sign_layers), ("adamw", split.adamw_layers))
+    split = split_layers(layers, last_n_layers, adamw_norm_layers=adamw_norm_layers,
+                         adamw_output_layer=adamw_output_layer, adamw_params=adamw_params)
+    label_by_path = {path[1:] if bare else path: role
+                     for role, part in (("sign", split.sign_layers), ("adamw", split.adamw_layers))
                      for layer in part for path in layer.parameters}
     return PytreePartition(split.sign_layer_names, split.adamw_layer_names, label_by_path)
 
@@ -101,7 +113,8 @@ def scale_by_sign_momentum(sign_momentum, sign_state_dtype=None):
         def leaf(grad, momentum):
             dtype = scalar_dtype(grad)
             g = jnp.where(finite, grad, 0).astype(dtype)
-            new_momentum = beta * momentum.astype(dtype) + grad_weight * g
+            bound = jnp.finfo(momentum.dtype).max  # m stays finite in its dtype
+            new_momentum = jnp.clip(beta * momentum.astype(dtype) + grad_weight * g, -bound, bound)
             return jnp.sign(new_momentum).astype(grad.dtype), new_momentum.astype(momentum.dtype)
 
         per_leaf = jax.tree.map(leaf, updates, state.momentum)
@@ -140,16 +153,20 @@ def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
         b2_step, b2_complement = skip_weights(finite, b2)
 
         def leaf(grad, momentum, grad_sq_mean):
-            dtype = grad_sq_mean.dtype
-            new_momentum = beta * momentum.astype(dtype) + grad_weight * jnp.where(finite, grad, 0).astype(dtype)
+            dtype, size = grad_sq_mean.dtype, max(grad.size, 1)  # an empty leaf's means are 0, not NaN
+            bound = jnp.finfo(momentum.dtype).max  # m stays finite in its dtype
+            new_momentum = jnp.clip(beta * momentum.astype(dtype)
+                                    + grad_weight * jnp.where(finite, grad, 0).astype(dtype), -bound, bound)
             # The mean of g itself, dropped on a skipped step: a mean of the zeroed g made XLA write that g out.
-            square_mean = jnp.where(finite, jnp.mean(jnp.square(grad.astype(dtype))), 0)
+            square_mean = jnp.where(finite, jnp.sum(jnp.square(grad.astype(dtype))) / size, 0)
             grad_sq_mean = b2_step * grad_sq_mean + b2_complement * square_mean
             t = count.astype(dtype)
-            scale = jnp.mean(jnp.abs(new_momentum)) / (1 - sign_momentum ** t) / (
+            # mean|m| summed as |m| / size, which cannot overflow; a v past float32 (|g| > 1.8e19) makes this
+            # step's scale 0 and is stored at the largest float32, as the PyTorch STAC stores it.
+            scale = jnp.sum(jnp.abs(new_momentum) / size) / (1 - sign_momentum ** t) / (
                 jnp.sqrt(grad_sq_mean / (1 - b2 ** t)) + eps)
             direction = (scale * jnp.sign(new_momentum)).astype(grad.dtype)
-            return direction, new_momentum.astype(momentum.dtype), grad_sq_mean
+            return direction, new_momentum.astype(momentum.dtype), jnp.minimum(grad_sq_mean, jnp.finfo(dtype).max)
 
         per_leaf = jax.tree.map(leaf, updates, state.momentum, state.grad_sq_mean)
         direction, momentum, grad_sq_mean = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(3))
@@ -194,8 +211,9 @@ def _judged(directions):
 
 
 def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_scale=None, sign_state_dtype=None,
-         b1=0.9, b2=0.999, betas=None, eps=1e-8, weight_decay=1e-2, sign_weight_decay=None, adamw_weight_decay=None,
-         sign_learning_rate=None, adamw_norm_layers=False, adamw_params=None, partition=None):
+         b1=0.9, b2=0.999, betas=None, eps=1e-8, weight_decay=0.0, sign_weight_decay=None, adamw_weight_decay=None,
+         sign_learning_rate=None, adamw_norm_layers=False, adamw_output_layer=False, adamw_params=None,
+         partition=None):
     r"""STAC as an ``optax.GradientTransformation``: a sign-momentum trunk and an ``optax.adamw`` cap.
 
     The same algorithm, defaults and learning-rate split as ``stac_optimizer.STAC``
@@ -209,11 +227,14 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     a cap and ``learning_rate`` when every layer is in the trunk, unless
     ``sign_learning_rate`` gives it (either may be a schedule). The partition
     comes from ``stac_partition`` on the params given to ``init`` (call
-    ``init`` eagerly on your model's own tree), or from
+    ``init`` eagerly on your model's own tree; ``adamw_norm_layers``,
+    ``adamw_output_layer`` and ``adamw_params`` go to it), or from
     ``partition=stac_partition(params, ...)`` given explicitly — print
     ``partition.sign_layer_names`` / ``adamw_layer_names`` to check it before the
-    first step. A step whose gradients hold NaN/Inf changes nothing and is
-    counted in ``state.nonfinite_skipped_steps``.
+    first step. ``weight_decay`` is 0.0 by default, as in the PyTorch STAC and
+    stac-optimizer 0.1.5. A step whose gradients hold NaN/Inf changes nothing and is
+    counted in ``state.nonfinite_skipped_steps``; a gradient whose shape is not
+    its parameter's is refused when the update is traced.
 
     Under ``optax.inject_hyperparams``, which builds the transformation anew
     for every update, give ``partition=`` and list ``last_n_layers`` and
@@ -241,10 +262,14 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     if isinstance(sign_momentum, bool) or not isinstance(sign_momentum, (int, float)):
         raise ValueError(f"sign_momentum must be a number in [0, 1), got {sign_momentum!r} (under "
                          "optax.inject_hyperparams, list it in static_args)")
-    for name, value in (("learning_rate", learning_rate), ("sign_learning_rate", sign_learning_rate)):
-        if value is not None and not callable(value):
-            check_range(name, value, 0.0)
+    check_range("learning_rate", learning_rate, 0.0, schedule=True)
+    if sign_learning_rate is not None:
+        check_range("sign_learning_rate", sign_learning_rate, 0.0, schedule=True)
     check_range("sign_momentum", sign_momentum, 0.0, 1.0, high_open=True)
+    sign_state_dtype = None if sign_state_dtype is None else check_floating_dtype("sign_state_dtype",
+                                                                                  sign_state_dtype, None)
+    if partition is not None and not isinstance(partition, PytreePartition):
+        raise ValueError(f"partition must be a PytreePartition from stac_partition, got {partition!r}")
     if sign_step_scale not in (None, "snr"):
         raise ValueError(f"sign_step_scale must be None or 'snr', got {sign_step_scale!r}")
     if sign_step_scale == "snr" and sign_momentum == 0:
@@ -285,18 +310,18 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     def init(params):
         if resolved["partition"] is None:
             resolved["partition"] = stac_partition(params, last_n_layers, adamw_norm_layers=adamw_norm_layers,
-                                                   adamw_params=adamw_params)
+                                                   adamw_output_layer=adamw_output_layer, adamw_params=adamw_params)
         return transformation.init(params)
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
         if resolved["partition"] is None:
             raise ValueError(
                 "stac has no partition: call init on your model's own parameter tree first, or pass "
                 "partition=stac_partition(params, ...) (needed when the transformation is built anew for the "
                 "update, as optax.inject_hyperparams does)")
-        return transformation.update(updates, state, params)
+        return transformation.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def stac_recommended(learning_rate=3e-3, **overrides):
@@ -307,6 +332,7 @@ def stac_recommended(learning_rate=3e-3, **overrides):
     at ``stac``'s defaults, and ``overrides`` go to ``stac`` and win.
     ``learning_rate`` may be a schedule.
     """
+    check_range("learning_rate", learning_rate, 0.0, schedule=True)
     scale = RECOMMENDED_SIGN_LR_SCALE
     options = dict(sign_step_scale="snr", sign_state_dtype=jnp.bfloat16,
                    sign_learning_rate=(lambda count: scale * learning_rate(count)) if callable(learning_rate)
