@@ -44,6 +44,11 @@ def check_range(name, value, low, high=None, *, low_open=False, high_open=False,
         raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {upper}, got {value!r}")
 
 
+def check_flag(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_interval(name, value):
     """ValueError naming ``name`` unless ``value`` is an integer >= 1 (a Python int or a 0-d integer array;
     a traced one is not checked)."""
@@ -280,8 +285,7 @@ class SeedOptimizer:
     def __init__(self, factory, hyperparameters, error_if_nonfinite):
         self.hyperparameters = dict(hyperparameters)
         self.transformation = factory(**self.hyperparameters)
-        if not isinstance(error_if_nonfinite, bool):
-            raise ValueError(f"error_if_nonfinite must be True or False, got {error_if_nonfinite!r}")
+        check_flag("error_if_nonfinite", error_if_nonfinite)
         self.error_if_nonfinite = error_if_nonfinite
         self._update = jax.jit(self._subtractive_update)
 

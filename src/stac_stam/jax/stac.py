@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stac_stam.jax._common import (all_finite_flag, check_floating_dtype, check_range, scalar_dtype,
+from stac_stam.jax._common import (all_finite_flag, check_flag, check_floating_dtype, check_range, scalar_dtype,
                                     skip_nonfinite_steps, skip_weights)
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import check_last_n_layers, split_layers, tree_layers
@@ -70,8 +70,8 @@ def stac_partition(params, last_n_layers=1, *, adamw_norm_layers=False, adamw_ou
     as ``params`` is one layer, ``"<root>"``, whose leaf is named ``"0"``.
     """
     check_last_n_layers(last_n_layers)
-    if not isinstance(adamw_norm_layers, bool):
-        raise ValueError(f"adamw_norm_layers must be True or False, got {adamw_norm_layers!r}")
+    check_flag("adamw_norm_layers", adamw_norm_layers)
+    check_flag("adamw_output_layer", adamw_output_layer)
     bare = hasattr(params, "shape") and hasattr(params, "dtype")
     layers = tree_layers([params] if bare else params)
     if not layers:
@@ -268,6 +268,8 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     check_range("sign_momentum", sign_momentum, 0.0, 1.0, high_open=True)
     sign_state_dtype = None if sign_state_dtype is None else check_floating_dtype("sign_state_dtype",
                                                                                   sign_state_dtype, None)
+    check_flag("adamw_norm_layers", adamw_norm_layers)
+    check_flag("adamw_output_layer", adamw_output_layer)
     if partition is not None and not isinstance(partition, PytreePartition):
         raise ValueError(f"partition must be a PytreePartition from stac_partition, got {partition!r}")
     if sign_step_scale not in (None, "snr"):
