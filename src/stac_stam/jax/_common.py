@@ -90,6 +90,14 @@ def check_gradients(grads, params):
                              f"parameter {jnp.shape(param)}; nothing was updated")
 
 
+def saturated(x):
+    """``x`` with +-Inf replaced by its dtype's largest finite value, +-max: a moment, a weighted average of
+    values within that range, exceeds it only by rounding (or by a cast to a narrower dtype), so this keeps it
+    finite as the PyTorch optimizers' saturating kernels do. A select, which XLA fuses into the update: with
+    ``jnp.clip`` it wrote each new moment out and copied the old one (256 MiB for STAM on 4 x 4096^2)."""
+    return jnp.where(jnp.isinf(x), jnp.copysign(jnp.finfo(x.dtype).max, x).astype(x.dtype), x)
+
+
 def scalar_dtype(param):
     """Tensor-level statistics are kept in at least float32 (float64 for float64 parameters)."""
     return jnp.promote_types(param.dtype, jnp.float32)
@@ -232,7 +240,7 @@ def skip_weights(finite, beta):
     return jnp.where(finite, beta, 1), jnp.where(finite, 1 - beta, 0)
 
 
-def gradients_finite(grads, statistics):
+def gradients_finite(grads, statistics, rare=None, usual=None):
     """True (a 0-d bool array) when no leaf of ``grads`` holds a NaN or an Inf, judged from ``statistics``.
 
     ``statistics`` are vectors of per-leaf means the step takes anyway, each of
@@ -246,12 +254,21 @@ def gradients_finite(grads, statistics):
     every tensor's statistics into every consumer of the flag: with the flag
     taken straight from the statistics, STAM on 195 tensors took 417 s to
     compile.
+
+    With ``rare`` (a function of ``grads``) it returns ``(flag, rare(grads))``
+    from that path and ``(True, usual)`` from the other: a step that needs a
+    second look at its gradients takes it under the same cond (a cond of its
+    own over the gradients made XLA copy them: 256 MiB for STAMLite on
+    4 x 4096^2).
     """
     statistics = jax.tree.leaves(statistics)
-    if not statistics:
+    if not statistics and rare is None:
         return jnp.array(True)
     statistics_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(statistic)) for statistic in statistics]))
-    return jax.lax.cond(statistics_finite, lambda _: jnp.array(True), all_finite_flag, grads)
+    if rare is None:
+        return jax.lax.cond(statistics_finite, lambda _: jnp.array(True), all_finite_flag, grads)
+    return jax.lax.cond(statistics_finite, lambda _: (jnp.array(True), usual),
+                        lambda tree: (all_finite_flag(tree), rare(tree)), grads)
 
 
 def all_finite_flag(tree):

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stac_stam.jax._common import (all_finite_flag, check_flag, check_floating_dtype, check_range, scalar_dtype,
-                                    skip_nonfinite_steps, skip_weights)
+from stac_stam.jax._common import (all_finite_flag, check_flag, check_floating_dtype, check_range, saturated,
+                                    scalar_dtype, skip_nonfinite_steps, skip_weights)
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import check_last_n_layers, split_layers, tree_layers
 
@@ -113,9 +113,9 @@ def scale_by_sign_momentum(sign_momentum, sign_state_dtype=None):
         def leaf(grad, momentum):
             dtype = scalar_dtype(grad)
             g = jnp.where(finite, grad, 0).astype(dtype)
-            bound = jnp.finfo(momentum.dtype).max  # m stays finite in its dtype
-            new_momentum = jnp.clip(beta * momentum.astype(dtype) + grad_weight * g, -bound, bound)
-            return jnp.sign(new_momentum).astype(grad.dtype), new_momentum.astype(momentum.dtype)
+            # m stays finite in its dtype; a 16-bit m has the sign of its float32 value (same exponent range)
+            new_momentum = saturated((beta * momentum.astype(dtype) + grad_weight * g).astype(momentum.dtype))
+            return jnp.sign(new_momentum).astype(grad.dtype), new_momentum
 
         per_leaf = jax.tree.map(leaf, updates, state.momentum)
         direction, momentum = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(2))
@@ -154,9 +154,8 @@ def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
 
         def leaf(grad, momentum, grad_sq_mean):
             dtype, size = grad_sq_mean.dtype, max(grad.size, 1)  # an empty leaf's means are 0, not NaN
-            bound = jnp.finfo(momentum.dtype).max  # m stays finite in its dtype
-            new_momentum = jnp.clip(beta * momentum.astype(dtype)
-                                    + grad_weight * jnp.where(finite, grad, 0).astype(dtype), -bound, bound)
+            new_momentum = saturated(beta * momentum.astype(dtype)
+                                     + grad_weight * jnp.where(finite, grad, 0).astype(dtype))
             # The mean of g itself, dropped on a skipped step: a mean of the zeroed g made XLA write that g out.
             square_mean = jnp.where(finite, jnp.sum(jnp.square(grad.astype(dtype))) / size, 0)
             grad_sq_mean = b2_step * grad_sq_mean + b2_complement * square_mean
@@ -166,7 +165,8 @@ def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
             scale = jnp.sum(jnp.abs(new_momentum) / size) / (1 - sign_momentum ** t) / (
                 jnp.sqrt(grad_sq_mean / (1 - b2 ** t)) + eps)
             direction = (scale * jnp.sign(new_momentum)).astype(grad.dtype)
-            return direction, new_momentum.astype(momentum.dtype), jnp.minimum(grad_sq_mean, jnp.finfo(dtype).max)
+            stored = new_momentum if momentum.dtype == dtype else saturated(new_momentum.astype(momentum.dtype))
+            return direction, stored, saturated(grad_sq_mean)
 
         per_leaf = jax.tree.map(leaf, updates, state.momentum, state.grad_sq_mean)
         direction, momentum, grad_sq_mean = (jax.tree.map(lambda _, out: out[i], updates, per_leaf) for i in range(3))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from stac_stam.jax._common import (SeedOptimizer, check_range, gradients_finite, per_tensor_means,
-                                    per_tensor_scalars, per_tensor_vector, skip_nonfinite_steps, skip_weights)
+                                    per_tensor_scalars, per_tensor_vector, saturated, skip_nonfinite_steps, skip_weights)
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard).
 VARIANCE_CAP = 10.0
@@ -106,8 +106,8 @@ def scale_by_stam(b1_base=0.9, b2=0.999, adapt_strength=0.2, tau_decay=0.99, eps
         coefficients = per_tensor_scalars(beta1_step, inverse_correction)
         for grad, mu, nu, (tensor_beta1, tensor_correction) in zip(grads, mus, nus, coefficients):
             grad = jnp.where(finite, grad, 0)
-            bound = jnp.finfo(mu.dtype).max  # mu stays finite; nu may overflow to Inf, and then the step is 0
-            mu = jnp.clip(tensor_beta1 * mu + (1 - tensor_beta1) * grad, -bound, bound).astype(mu.dtype)
+            # mu stays finite; nu may overflow to Inf, and then the step is 0
+            mu = saturated((tensor_beta1 * mu + (1 - tensor_beta1) * grad).astype(mu.dtype))
             nu = (b2_step * nu + b2_complement_step * jnp.square(grad)).astype(nu.dtype)
             directions.append((mu * (tensor_correction / (jnp.sqrt(nu / nu_correction) + eps))).astype(grad.dtype))
             new_mus.append(mu)

@@ -8,7 +8,7 @@ import optax
 
 from stac_stam.jax._common import (SeedOptimizer, check_floating_dtype, check_interval, check_range,
                                     gradients_finite, per_tensor_means, per_tensor_scalars, per_tensor_vector,
-                                    skip_nonfinite_steps)
+                                    saturated, skip_nonfinite_steps)
 
 
 class STAMLiteState(NamedTuple):
@@ -24,34 +24,29 @@ class STAMLiteState(NamedTuple):
     beta1_product: jax.Array  # per tensor: product of every beta1 used, for bias correction
 
 
-def _moments_in_units(grads, state, moment_decay, e1, e2, finite):
-    """``(e1, e2, u)``: each tensor's new moments E[g]_t / u and E[g^2]_t / u^2 and its unit u, a vector each.
+def _moments_in_units(grads, state, moment_decay, e1, e2):
+    """``(e1, e2, u)``: each tensor's new moments E[g]_t / u and E[g^2]_t / u^2 and its unit u, a vector each,
+    for a step where ``e1`` or ``e2`` (the moments in the state's dtype) is not finite.
 
-    u = 1 and the moments as given (``e1``, ``e2``, computed in the state's
-    dtype), unless one of them overflowed from finite gradients: a mean of
-    squares past float32's range (|g| > 1.8e19). The PyTorch STAMLite takes
-    them in float64, where they do not; here such a step (and only such a
-    step, under a ``lax.cond``) reads the gradients again and takes those
-    tensors' moments in units of u = 2^(3 max_exp / 4) (2^96 for float32):
-    (g / u)^2 and its sums over up to 2^(max_exp / 2) values cannot overflow,
-    and the squares that flush to zero there (|g| < 2^33 for float32) are
-    negligible beside a sum that overflowed (n 2^66 at most, against 2^128).
-    So a gradient of 1e20 moves a parameter by about the learning rate, as
-    AdamW's first step does, never by learning_rate / eps.
+    That happens to finite gradients when a mean of squares passes float32's
+    range (|g| > 1.8e19); the PyTorch STAMLite takes the moments in float64,
+    where they do not. Here those tensors' moments are taken again in units of
+    u = 2^(3 max_exp / 4) (2^96 for float32): (g / u)^2 and its sums over up to
+    2^(max_exp / 2) values cannot overflow, and the squares that flush to zero
+    there (|g| < 2^33 for float32) are negligible beside a sum that overflowed
+    (n 2^66 at most, against 2^128). The other tensors keep u = 1 and their
+    moments as given. So a gradient of 1e20 moves a parameter by about the
+    learning rate, as AdamW's first step does, never by learning_rate / eps.
     """
     dtype = e1.dtype
     unit = 2.0 ** (3 * jnp.finfo(dtype).maxexp // 4)
     overflowed = ~(jnp.isfinite(e1) & jnp.isfinite(e2))
-
-    def in_units(_):
-        mean = per_tensor_means(lambda grad: grad.astype(dtype) / unit, (grads,), dtype)
-        square_mean = per_tensor_means(lambda grad: jnp.square(grad.astype(dtype) / unit), (grads,), dtype)
-        scaled_e1 = moment_decay * (state.grad_mean / unit) + (1 - moment_decay) * mean
-        scaled_e2 = moment_decay * (state.grad_sq_mean / unit / unit) + (1 - moment_decay) * square_mean
-        return (jnp.where(overflowed, scaled_e1, e1), jnp.where(overflowed, scaled_e2, e2),
-                jnp.where(overflowed, unit, 1).astype(dtype))
-
-    return jax.lax.cond(finite & jnp.any(overflowed), in_units, lambda _: (e1, e2, jnp.ones_like(e1)), None)
+    mean = per_tensor_means(lambda grad: grad.astype(dtype) / unit, (grads,), dtype)
+    square_mean = per_tensor_means(lambda grad: jnp.square(grad.astype(dtype) / unit), (grads,), dtype)
+    scaled_e1 = moment_decay * (state.grad_mean / unit) + (1 - moment_decay) * mean
+    scaled_e2 = moment_decay * (state.grad_sq_mean / unit / unit) + (1 - moment_decay) * square_mean
+    return (jnp.where(overflowed, scaled_e1, e1), jnp.where(overflowed, scaled_e2, e2),
+            jnp.where(overflowed, unit, 1).astype(dtype))
 
 
 def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1_update_interval=5,
@@ -96,14 +91,14 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
         stat_dtype = state.grad_mean.dtype
         mean = per_tensor_means(lambda grad: grad.astype(stat_dtype), (grads,), stat_dtype)
         square_mean = per_tensor_means(lambda grad: jnp.square(grad.astype(stat_dtype)), (grads,), stat_dtype)
-        finite = gradients_finite(updates, (mean, square_mean))
-        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-
-        # The statistics of a skipped step are dropped. e1 = E[g]_t / u and e2 = E[g^2]_t / u^2, per tensor,
-        # where u = 1 unless a moment of finite gradients overflowed (see _moments_in_units).
+        # e1 = E[g]_t / u and e2 = E[g^2]_t / u^2, per tensor, where u = 1 unless a moment of finite gradients
+        # overflowed (see _moments_in_units). The statistics of a skipped step are dropped.
         e1 = moment_decay * state.grad_mean + (1 - moment_decay) * mean
         e2 = moment_decay * state.grad_sq_mean + (1 - moment_decay) * square_mean
-        e1, e2, unit = _moments_in_units(grads, state, moment_decay, e1, e2, finite)
+        finite, (e1, e2, unit) = gradients_finite(
+            updates, (mean, square_mean, e1, e2), rare=lambda tree: _moments_in_units(jax.tree.leaves(tree), state, moment_decay, e1, e2),
+            usual=(e1, e2, jnp.ones_like(e1)))
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
         moments_finite = jnp.isfinite(e1) & jnp.isfinite(e2)
         keep = finite & moments_finite
         e1, e2 = jnp.where(keep, e1, state.grad_mean), jnp.where(keep, e2, state.grad_sq_mean)
@@ -130,11 +125,10 @@ def scale_by_stam_lite(b1_base=0.9, adapt_strength=0.2, moment_decay=0.99, beta1
         coefficients = per_tensor_scalars(beta1_step, 1 / unit, inverse_correction * inverse_rms)
         for grad, mu, (tensor_beta1, inverse_unit, step_scale) in zip(grads, treedef.flatten_up_to(state.mu),
                                                                         coefficients):
-            bound = jnp.finfo(mu.dtype).max  # mu stays finite: |g| <= the largest float32 does not make it so
-            mu_full = jnp.clip(tensor_beta1 * mu.astype(stat_dtype) + (1 - tensor_beta1) * jnp.where(
-                finite, grad.astype(stat_dtype), 0), -bound, bound)
+            mu_full = saturated(tensor_beta1 * mu.astype(stat_dtype) + (1 - tensor_beta1) * jnp.where(
+                finite, grad.astype(stat_dtype), 0))
             directions.append((mu_full * inverse_unit * step_scale).astype(grad.dtype))
-            mus.append(mu_full.astype(mu.dtype))
+            mus.append(mu_full if mu.dtype == stat_dtype else saturated(mu_full.astype(mu.dtype)))
         state = STAMLiteState(count, treedef.unflatten(mus), grad_mean, grad_sq_mean, beta1, beta1_product)
         return treedef.unflatten(directions), state, finite
 
