@@ -42,7 +42,9 @@ def _moments_in_units(grads, state, moment_decay, e1, e2):
     unit = 2.0 ** (3 * jnp.finfo(dtype).maxexp // 4)
     overflowed = ~(jnp.isfinite(e1) & jnp.isfinite(e2))
     mean = per_tensor_means(lambda grad: grad.astype(dtype) / unit, (grads,), dtype)
-    square_mean = per_tensor_means(lambda grad: jnp.square(grad.astype(dtype) / unit), (grads,), dtype)
+    # Behind the barrier each sum scales g itself: sharing g / u, XLA wrote it out (64 MiB per 4096^2 tensor).
+    square_mean = per_tensor_means(lambda grad: jnp.square(jax.lax.optimization_barrier(grad).astype(dtype) / unit),
+                                   (grads,), dtype)
     scaled_e1 = moment_decay * (state.grad_mean / unit) + (1 - moment_decay) * mean
     scaled_e2 = moment_decay * (state.grad_sq_mean / unit / unit) + (1 - moment_decay) * square_mean
     return (jnp.where(overflowed, scaled_e1, e1), jnp.where(overflowed, scaled_e2, e2),
