@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stac_stam.jax._common import (all_finite_flag, check_flag, check_floating_dtype, check_range, saturated,
+from stac_stam.jax._common import (check_flag, check_floating_dtype, check_range, gradients_finite, saturated,
                                     scalar_dtype, skip_nonfinite_steps, skip_weights)
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import check_last_n_layers, split_layers, tree_layers
@@ -206,11 +206,14 @@ def scale_by_adam(b1, b2, eps):
 
 
 def _judged(directions):
-    """``directions`` (blocks taking ``finite=``) as ``skip_nonfinite_steps`` wants them: one finiteness read of
-    every gradient decides the step."""
+    """``directions`` (blocks taking ``finite=``) as ``skip_nonfinite_steps`` wants them: each leaf's sum(g^2)
+    decides the step (see ``gradients_finite``). The "snr" trunk takes the same sums, and XLA computes each
+    once: the trunk's gradients are read once for both (a read of its own, sum(g - g), cost stac_recommended
+    about 15% of its step on 4 x 4096^2)."""
 
     def update(updates, state, params=None):
-        finite = all_finite_flag(updates)
+        leaves = jax.tree.leaves(updates)
+        finite = gradients_finite(updates, [jnp.sum(jnp.square(leaf.astype(scalar_dtype(leaf)))) for leaf in leaves])
         direction, state = directions.update(updates, state, params, finite=finite)
         return direction, state, finite
 
