@@ -135,6 +135,26 @@ def test_flax_model_partitions_in_definition_order_and_trains():
     assert len(traces) == 1
 
 
+def test_adamw_output_layer_sends_the_last_layer_to_the_cap_beside_the_trunk():
+    # Issue 19: the output layer's weight in the cap whatever last_n_layers says (a pytree shares nothing, so its
+    # output layer is its last layer); a tied flax head has no leaf of its own: adamw_params names the embedding.
+    params = {"embed": {"embedding": jnp.ones((5, 2))}, "hidden": {"kernel": jnp.ones((2, 2))},
+              "head": {"kernel": jnp.ones((2, 5)), "bias": jnp.zeros(5)}}
+    partition = stac_partition(params, last_n_layers=0, adamw_output_layer=True)
+    assert partition.adamw_layer_names == ("head",) and partition.sign_layer_names == ("embed", "hidden")
+    tied = stac_partition(params, last_n_layers=0, adamw_params=lambda path: path == "embed/embedding")
+    assert tied.labels(params)["embed"]["embedding"] == "adamw" and tied.labels(params)["head"]["kernel"] == "sign"
+    optimizer = stac(1e-2, last_n_layers=0, adamw_output_layer=True)
+    state = optimizer.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates, _ = optimizer.update(grads, state, params)
+    # First steps: the cap's AdamW step is -lr sign(g), the trunk's sign step -0.75 lr sign(g).
+    np.testing.assert_allclose(updates["head"]["kernel"], -1e-2, rtol=1e-5)
+    np.testing.assert_allclose(updates["hidden"]["kernel"], -0.75e-2, rtol=1e-6)
+    with pytest.raises(ValueError, match="adamw_output_layer must be True or False, got 1"):
+        stac(1e-2, adamw_output_layer=1)
+
+
 def test_snr_scaled_trunk_matches_the_float64_reference():
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
