@@ -36,10 +36,13 @@ def earlier_report(path):
 
 
 def reusable_entry(earlier, framework, task, optimizer, steps):
-    """The earlier report's entry for this pair if its rate came from a sweep at the same steps, else None."""
+    """The earlier report's entry for this pair if its rate came from a sweep of the same task (description and
+    steps) in this report layout, else None."""
     block = earlier.get("quality", {}).get(framework, {}).get(task, {})
-    entry = block.get("optimizers", {}).get(optimizer)
-    if earlier.get("mode") == "quick" or block.get("steps") != steps or not entry or not entry.get("best_lr"):
+    entry = block.get("optimizers", {}).get(optimizer) if isinstance(block.get("optimizers"), dict) else None
+    if (earlier.get("mode") not in ("full", "default") or block.get("steps") != steps
+            or block.get("description") != TASKS[framework][task].description or not isinstance(entry, dict)
+            or not entry.get("best_lr") or "lr_source" not in entry):
         return None
     return entry
 
@@ -85,8 +88,12 @@ def print_plan(pairs, args, speed_estimate_s, lrs_from):
         print(f"  {framework:5s} {task:19s} {group[0].steps:5d} steps, {len(group)} optimizers x {group[0].seeds} "
               f"seeds, ~{group[0].estimate_s:.0f} s a run; learning rates: "
               + (f"{swept} swept now, {len(group) - swept} reused" if not args.quick else "the grid's middle"))
-    if not args.quick and not args.full and any(p.known_lr is not None for p in pairs):
-        print(f"  reused learning rates come from {lrs_from} (--full sweeps them all again)")
+    if not args.quick and not args.full:
+        if any(p.known_lr is not None for p in pairs):
+            print(f"  reused learning rates come from {lrs_from} (--full sweeps them all again)")
+        if any(p.known_lr is None for p in pairs):
+            print(f"  {lrs_from} has no swept rate for some pairs (missing, older layout, or the task changed): "
+                  "those are swept now")
     work = sum(p.planned_runs * p.estimate_s for p in pairs) / max(args.workers, 1)
     print(f"  estimated time: {runner.clock(work + (0 if args.no_speed else speed_estimate_s))}"
           " (sweeps that extend past their grid add runs)", flush=True)
@@ -166,7 +173,7 @@ def main(argv=None):
             progress.print(f"speed benchmark (~{runner.clock(speed_estimate_s)}) | {progress.status()}")
             try:
                 from benchmarks.speed import run_speed
-                result["speed"] = run_speed(args.quick, tuple(args.frameworks))
+                result["speed"] = run_speed(result["mode"], tuple(args.frameworks))
             except Exception as error:  # noqa: BLE001 (the quality results are still worth writing)
                 result["speed"] = {"error": f"{type(error).__name__}: {error}"}
                 progress.print(f"speed benchmark FAILED: {result['speed']['error']}")

@@ -160,8 +160,9 @@ def step_time(speed, path):
         ax.axvline(1.0, color="gray", linewidth=0.8)
         ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"{framework} {shape}: step time / {block.get('yardstick')}", fontsize=9)
-        ax.set_xlabel("step time relative to the yardstick (floor: its bytes moved at the measured bandwidth)",
-                      fontsize=7)
+        ax.set_xlabel("step time relative to the yardstick (lower is faster)", fontsize=7)
+    fig.suptitle("Optimizer step time relative to the yardstick's; the bandwidth floor (black tick) is the time "
+                 "the step's bytes moved take at the measured memory bandwidth", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

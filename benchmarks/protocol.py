@@ -9,8 +9,14 @@ schedule. The learning rate warms up linearly over the first 5% of the steps,
 then decays to zero along a cosine.
 
 Statistics: a mean over seeds carries its standard error (sample standard
-deviation / sqrt(seeds)); a gap between two means carries the standard error
-of a difference of independent means; a gap within 2 standard errors is a tie.
+deviation / sqrt(seeds)). A gap between two optimizers is paired by seed: seed
+s gives both the same initialization, data order and batch schedule, so the
+gap's standard error is that of the mean of the per-seed differences (sample
+standard deviation of the differences / sqrt(seeds both finished)), which
+leaves out the seed-to-seed spread the two share; without two such seeds it is
+the standard error of a difference of independent means. A gap within 2
+standard errors is a tie. A task discriminates when its best and worst
+optimizers (by mean) differ by more than 5 standard errors of their gap.
 """
 
 import math
@@ -83,15 +89,37 @@ def mean_and_se(values):
     return mean, math.sqrt(variance / len(values))
 
 
+def paired(entry, reference):
+    """The per-seed losses both entries finished (``val_loss_seeds`` names the seed of each of ``val_losses``):
+    ``(entry's, reference's)`` in seed order, or None with fewer than 2 such seeds."""
+    def by_seed(e):
+        return {seed: loss for seed, loss in zip(e.get("val_loss_seeds") or [], e.get("val_losses") or [])
+                if loss is not None and math.isfinite(loss)}
+    mine, theirs = by_seed(entry), by_seed(reference)
+    common = sorted(mine.keys() & theirs.keys())
+    if len(common) < 2:
+        return None
+    return [mine[s] for s in common], [theirs[s] for s in common]
+
+
+def difference_se(entry, reference):
+    """Standard error of ``entry``'s mean minus ``reference``'s: paired by seed where both have 2 seeds in common,
+    else as independent means; None without it."""
+    both = paired(entry, reference)
+    if both is not None:
+        return mean_and_se([a - b for a, b in zip(*both)])[1]
+    if entry.get("se") is None or reference.get("se") is None:
+        return None
+    return math.hypot(entry["se"], reference["se"])
+
+
 def relative_gap(entry, reference):
-    """``(gap, se)``: entry's mean / reference's mean - 1 and its standard error (first order, independent means);
-    ``(None, None)`` when either has no mean, se None when either has no SE."""
+    """``(gap, se)``: entry's mean / reference's mean - 1 and its standard error (``difference_se`` relative to the
+    reference's mean); ``(None, None)`` when either has no mean, se None when the difference has no SE."""
     if entry.get("mean") is None or not reference.get("mean"):
         return None, None
-    ratio = entry["mean"] / reference["mean"]
-    if entry.get("se") is None or reference.get("se") is None:
-        return ratio - 1, None
-    return ratio - 1, math.hypot(entry["se"], ratio * reference["se"]) / reference["mean"]
+    se = difference_se(entry, reference)
+    return entry["mean"] / reference["mean"] - 1, None if se is None else se / abs(reference["mean"])
 
 
 def verdict(gap, se):
@@ -106,21 +134,24 @@ def verdict(gap, se):
 
 def discrimination(entries):
     """The task's check: its best and worst optimizers (by mean, over those with a standard error) differ by more
-    than ``DISCRIMINATION_SE`` standard errors of the difference of their means."""
-    ranked = sorted((e["mean"], e["se"], name) for name, e in entries.items()
+    than ``DISCRIMINATION_SE`` standard errors of their gap (``difference_se``)."""
+    ranked = sorted((e["mean"], name) for name, e in entries.items()
                     if e.get("mean") is not None and e.get("se") is not None)
     if len(ranked) < 2:
         return None
-    (best, best_se, best_name), (worst, worst_se, worst_name) = ranked[0], ranked[-1]
-    spread = math.hypot(best_se, worst_se)
-    ratio = (worst - best) / spread if spread > 0 else math.inf
+    (best, best_name), (worst, worst_name) = ranked[0], ranked[-1]
+    spread = difference_se(entries[worst_name], entries[best_name])
+    ratio = (worst - best) / spread if spread else math.inf
     return {"best": best_name, "worst": worst_name, "gap": worst - best, "se": spread,
             "standard_errors": ratio, "passes": ratio > DISCRIMINATION_SE}
 
 
-def resolution(entry):
-    """The smallest relative gap against ``entry`` a tie cannot hide, for an optimizer with the same seed spread:
-    ``TIE_SE`` standard errors of the difference of two such means, relative to the mean."""
-    if entry.get("mean") is None or entry.get("se") is None:
+def resolution(entries, reference):
+    """The smallest relative gap against ``reference`` a tie cannot hide at these seeds: ``TIE_SE`` times the
+    median standard error of the other optimizers' relative gaps to it (None without any)."""
+    ses = sorted(se for name, entry in entries.items() if name != reference
+                 for se in [relative_gap(entry, entries[reference])[1]] if se is not None)
+    if not ses:
         return None
-    return TIE_SE * math.sqrt(2.0) * entry["se"] / entry["mean"]
+    middle = len(ses) // 2
+    return TIE_SE * (ses[middle] if len(ses) % 2 else 0.5 * (ses[middle - 1] + ses[middle]))

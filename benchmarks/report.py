@@ -72,9 +72,9 @@ def headline_table(result):
     names = [n for n, e in next(iter(tasks.values()))["optimizers"].items() if e["suite"] == "default"
              and n != "AdamW"]
     return (gap_table(tasks, names, "AdamW")
-            + f"\nFinal validation loss against LR-tuned AdamW's (negative is better; ± one standard error over "
-              f"seeds; **bold**: better by more than {protocol.TIE_SE:g} standard errors; tie: within), and "
-              f"optimizer state against AdamW's. Run of {result['date'][:10]} at commit "
+            + f"\nFinal validation loss against LR-tuned AdamW's (negative is better; ± one standard error of the "
+              f"gap, paired by seed; **bold**: better by more than {protocol.TIE_SE:g} standard errors; tie: "
+              f"within), and optimizer state against AdamW's. Run of {result['date'][:10]} at commit "
               f"{result['machine'].get('commit')}.\n")
 
 
@@ -85,12 +85,13 @@ def _task_section(framework, task, block):
     check = block.get("discrimination")
     if check:
         lines.append(f"Discrimination check: best ({check['best']}) and worst ({check['worst']}) differ by "
-                     f"{check['standard_errors']:.1f} standard errors: "
+                     f"{check['standard_errors']:.1f} standard errors of their seed-paired gap: "
                      + ("passes" if check["passes"] else "**fails**") + f" (needs > {protocol.DISCRIMINATION_SE:g}).")
-    resolved = protocol.resolution(yardstick) if yardstick else None
+    resolved = protocol.resolution(block["optimizers"], YARDSTICK[framework]) if yardstick else None
     if resolved is not None:
-        lines.append(f"Resolution: a gap to {YARDSTICK[framework]} under {resolved:.1%} can be a tie at these "
-                     "seeds" + ("." if resolved <= 0.02 else " (**more than 2%**: this task needs more seeds)."))
+        lines.append(f"Resolution: a gap to {YARDSTICK[framework]} under {resolved:.1%} (2 median standard errors "
+                     "of the gaps to it) can be a tie at these seeds"
+                     + ("." if resolved <= 0.02 else " (**more than 2%**: this task needs more seeds)."))
     lines += ["", f"| optimizer | lr | lr from | val loss ± SE | vs {YARDSTICK[framework]} | val acc | state "
                   f"| state vs {YARDSTICK[framework]} |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for name, e in block["optimizers"].items():

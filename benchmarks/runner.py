@@ -267,7 +267,8 @@ def summarize(pair, best_lr, sweep, runs):
     return {
         "best_lr": best_lr, "lr_source": pair.lr_source,
         "sweep": pair.reused_sweep or {f"{lr:g}": run.get("val_loss") for lr, run in sorted(sweep.items())},
-        "val_losses": losses, "mean": mean, "se": se, "seeds": len(succeeded),
+        "val_losses": losses, "val_loss_seeds": [run["seed"] for run in succeeded], "mean": mean, "se": se,
+        "seeds": len(succeeded),
         "diverged": sum(loss is None for loss in losses),
         "val_accuracy_mean": sum(accuracies) / len(accuracies) if accuracies else None,
         "state_bytes": next((run["state_bytes"] for run in every_run if "state_bytes" in run), None),

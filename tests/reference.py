@@ -43,17 +43,40 @@ def adamw_step(p, g, state, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
 
 
 def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, sign_step_scale=None, b2=0.999,
-              eps=1e-8, weight_decay=0.0, maximize=False):
+              eps=1e-8, weight_decay=0.0, maximize=False, int8_momentum=False):
     """STAC's trunk: decoupled decay, then p -= lr * sign(EMA(g)).
 
     With sign_momentum == 0 this is textbook signSGD and keeps no state. With
     sign_interpolation = a, the sign is taken of a * m_old + (1 - a) * g (Lion).
     With sign_step_scale == "snr" the step is scaled by the tensor's
-    bias-corrected mean |m| over its bias-corrected gradient RMS.
+    bias-corrected mean |m| over its bias-corrected gradient RMS. With
+    sign_step_scale == "factored" the step is Adafactor's instead: u = g /
+    (sqrt(v_hat) + eps), v_hat from ``factored_second_moment``, clipped to RMS 1,
+    then p -= lr * u, or with momentum p -= lr * (alpha * m_old + (1 - alpha) * u)
+    and m = beta * m + (1 - beta) * u; with int8_momentum, m is kept as int8
+    codes and a scale per row (the first dimension): m = codes * scale.
     """
     if maximize:
         g = -g
     p = p * (1.0 - lr * weight_decay)
+    if sign_step_scale == "factored":
+        u = g / (np.sqrt(factored_second_moment(g, state, b2)) + eps)
+        u = u / max(1.0, np.sqrt(np.mean(u * u)))
+        if sign_momentum == 0.0:
+            return p - lr * u
+        m = state.get("momentum_buffer", np.zeros_like(p))
+        rows = p.shape[0] if p.ndim else 1
+        if int8_momentum:  # codes times their row's scale
+            m = (m.reshape(rows, -1) * state.get("momentum_scale", np.zeros(rows))[:, None]).reshape(p.shape)
+        alpha = sign_momentum if sign_interpolation is None else sign_interpolation
+        new_m = sign_momentum * m + (1.0 - sign_momentum) * u
+        state["momentum_buffer"] = new_m
+        if int8_momentum:  # per row: scale = max |m| / 127, codes rounded to nearest (ties to even)
+            scale = np.abs(new_m.reshape(rows, -1)).max(axis=1) / 127.0
+            safe = np.where(scale > 0, scale, 1.0)
+            state["momentum_scale"] = scale
+            state["momentum_buffer"] = np.round(new_m.reshape(rows, -1) / safe[:, None]).reshape(p.shape)
+        return p - lr * (alpha * m + (1.0 - alpha) * u)
     if sign_momentum == 0.0:
         return p - lr * np.sign(g)
     m = state.get("momentum_buffer", np.zeros_like(p))
@@ -68,6 +91,20 @@ def sign_step(p, g, state, *, lr, sign_momentum=0.9, sign_interpolation=None, si
         state["step"], state["grad_sq_mean"] = t, v
         scale = np.mean(np.abs(m)) / (1.0 - sign_momentum ** t) / (np.sqrt(v / (1.0 - b2 ** t)) + eps)
     return p - lr * scale * np.sign(direction)
+
+
+def factored_second_moment(g, state, b2):
+    """Adafactor's estimate of AdamW's bias-corrected v for g seen as a matrix (the first dimension by the
+    product of the others; a vector is one column, a 0-d value one element): EMAs of the row and column means
+    of g^2, v_hat = R C^T / mean(R) / (1 - b2^t). Keeps ``exp_avg_sq_row``, ``exp_avg_sq_col`` and ``step``."""
+    rows = g.shape[0] if g.ndim else 1
+    columns = int(np.prod(g.shape[1:])) if g.ndim else 1
+    square = (g * g).reshape(rows, columns)
+    t = state.get("step", 0) + 1
+    r = b2 * state.get("exp_avg_sq_row", np.zeros(rows)) + (1.0 - b2) * square.mean(axis=1)
+    c = b2 * state.get("exp_avg_sq_col", np.zeros(columns)) + (1.0 - b2) * square.mean(axis=0)
+    state.update(step=t, exp_avg_sq_row=r, exp_avg_sq_col=c)
+    return (np.outer(r, c) / r.mean() / (1.0 - b2 ** t)).reshape(g.shape)
 
 
 def stac_learning_rates(lr, has_sign_layers, has_adamw_layers):

@@ -114,6 +114,23 @@ def test_partition_table_counts_the_trunk_momentum_in_the_dtype_it_is_stored_in(
     assert partition_trainable_layers(model).table(sign_state_bytes_per_element=1).splitlines()[1].split()[3] == "16"
 
 
+@pytest.mark.parametrize("options, first_layer_bytes", [
+    (dict(sign_momentum=0.0), 48),  # weight (4, 3): 4 + 3 float32; bias (4,): 4 + 1
+    (dict(sign_state_dtype=torch.bfloat16), 48 + 2 * 16),
+])
+def test_partition_table_counts_the_factored_trunk_statistics_as_stored(options, first_layer_bytes):
+    model = mlp()
+    optimizer = STAC(model, last_n_layers=1, sign_step_scale="factored", **options)
+    lines = optimizer.partition.table().splitlines()
+    assert lines[1].split() == ["0", "sign", "16", str(first_layer_bytes)]
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    trunk = {id(param) for param in optimizer.partition.sign_parameters}
+    stored = sum(value.nbytes for param, state in optimizer.state.items() if id(param) in trunk
+                 for key, value in state.items() if key != "step")  # 0-d counts, as AdamW's step, are not counted
+    assert stored == sum(int(line.split()[3]) for line in lines[1:] if line.split()[1] == "sign")
+
+
 class DistributedDataParallel(nn.Module):  # torch's wrappers are known by class name (this module imports no torch)
     def __init__(self, module):
         super().__init__()

@@ -88,6 +88,8 @@ class STACPartition:
     adamw_layers: tuple
     sign_state_bytes_per_element: int | None = None  # None: the parameter's element size (see table())
     output_layer: LayerGroup | None = None
+    factored_second_moment: bool = False  # the trunk's sign_step_scale="factored" statistics (see table())
+    row_scaled_momentum: bool = False  # an int8 trunk momentum with a float32 scale per row (see table())
 
     @property
     def sign_layer_names(self):
@@ -149,7 +151,10 @@ class STACPartition:
         ``sign_state_bytes_per_element`` bytes per element (default: the
         partition's ``sign_state_bytes_per_element``, which STAC sets from its
         ``sign_state_dtype``, 0 for plain signSGD; None: the parameter's
-        element size).
+        element size). With ``factored_second_moment`` (STAC's
+        ``sign_step_scale="factored"``) the trunk also keeps, per tensor, a
+        row and a column of second moments (``factored_shape``) in float32 at
+        least; with ``row_scaled_momentum`` (an int8 momentum), a scale per row.
         """
         if sign_state_bytes_per_element is None:
             sign_state_bytes_per_element = self.sign_state_bytes_per_element
@@ -161,12 +166,27 @@ class STACPartition:
                 else:
                     state_bytes = sum(p.numel() * (p.element_size() if sign_state_bytes_per_element is None
                                                    else sign_state_bytes_per_element) for p in layer.parameters)
+                    for counted, numbers in ((self.factored_second_moment, sum),
+                                             (self.row_scaled_momentum, lambda shape: shape[0])):
+                        if counted:
+                            state_bytes += sum(numbers(factored_shape(tuple(p.shape))) * max(p.element_size(), 4)
+                                               for p in layer.parameters)
                 rows.append((layer.name, role, str(layer.numel), str(state_bytes)))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         return "\n".join(
             "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
             for row in rows
         )
+
+
+def factored_shape(shape):
+    """The matrix a trunk tensor of ``shape`` is seen as by the factored second moment: (rows, columns), the first
+    dimension by the product of the others; a vector is one column, a 0-d tensor one element."""
+    rows = shape[0] if shape else 1
+    columns = 1
+    for size in shape[1:]:
+        columns *= size
+    return rows, columns
 
 
 def _is_norm_module(module):

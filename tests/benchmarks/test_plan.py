@@ -13,11 +13,12 @@ def arguments(**overrides):
     return argparse.Namespace(**{**values, **overrides})
 
 
-def earlier_report(steps):
+def earlier_report(steps, description=TASKS["torch"]["digits_mlp"].description):
     entry = {"best_lr": 0.01, "lr_source": "swept in this run", "sweep": {"0.003": 0.2, "0.01": 0.1, "0.03": 0.3},
              "run_cpu_seconds": 4.0}
     return {"date": "2026-12-01T10:00:00+00:00", "mode": "full", "machine": {"commit": "abc1234"},
-            "quality": {"torch": {"digits_mlp": {"steps": steps, "optimizers": {"AdamW": entry}}}}}
+            "quality": {"torch": {"digits_mlp": {"steps": steps, "description": description,
+                                                 "optimizers": {"AdamW": entry}}}}}
 
 
 def test_a_default_run_reuses_swept_rates_at_unchanged_steps_and_sweeps_the_rest():
@@ -30,6 +31,7 @@ def test_a_default_run_reuses_swept_rates_at_unchanged_steps_and_sweeps_the_rest
     assert pairs["jax", "adamw"].known_lr is None
 
     assert all(p.known_lr is None for p in plan(arguments(), earlier_report(steps + 1)))
+    assert all(p.known_lr is None for p in plan(arguments(), earlier_report(steps, "an older task")))
     assert all(p.known_lr is None for p in plan(arguments(full=True), earlier_report(steps)))
     quick = plan(arguments(quick=True), earlier_report(steps))
     assert all(p.steps == 10 and p.seeds == 1 and p.planned_runs == 1 for p in quick)
@@ -44,4 +46,12 @@ def test_the_plan_names_tasks_optimizers_seeds_and_an_estimate(capsys):
     assert lines[2].startswith(f"  torch digits_mlp          {steps:5d} steps, 2 optimizers x 3 seeds")
     assert lines[2].endswith("learning rates: 1 swept now, 1 reused")
     assert lines[3] == "  reused learning rates come from earlier.json (--full sweeps them all again)"
-    assert lines[4].startswith("  estimated time: ")
+    assert lines[4].startswith("  earlier.json has no swept rate for some pairs")
+    assert lines[5].startswith("  estimated time: ")
+
+
+def test_a_report_in_an_older_layout_is_swept_again_not_a_crash():
+    steps = TASKS["torch"]["digits_mlp"].steps
+    older = {"date": "2026-12-01T14:04:37+00:00", "quick": False, "seeds": 3, "quality": {"torch": {"digits_mlp": {
+        "steps": steps, "AdamW": {"best_lr": 0.01, "sweep": {"0.01": 0.1}, "val_loss_mean": 0.1}}}}}
+    assert all(p.known_lr is None for p in plan(arguments(), older))

@@ -60,18 +60,44 @@ def test_standard_errors_ties_and_the_discrimination_check():
     assert mean == pytest.approx(1.1) and se == pytest.approx(statistics.stdev([1.0, 1.2, 1.1]) / math.sqrt(3))
     assert mean_and_se([2.0]) == (2.0, None)
 
+    # Without seeds in common, a gap's SE is that of a difference of independent means.
     reference, entry = {"mean": 2.0, "se": 0.02}, {"mean": 2.1, "se": 0.01}
     gap, gap_se = relative_gap(entry, reference)
     assert gap == pytest.approx(0.05)
-    assert gap_se == pytest.approx(math.hypot(0.01, 1.05 * 0.02) / 2.0)
+    assert gap_se == pytest.approx(math.hypot(0.01, 0.02) / 2.0)
     assert verdict(gap, gap_se) == "worse" and verdict(-gap, gap_se) == "better"
     assert verdict(2 * gap_se, gap_se) == "tie" and verdict(gap, None) is None
-    assert resolution(reference) == pytest.approx(2 * math.sqrt(2) * 0.02 / 2.0)
 
-    entries = {"a": {"mean": 1.0, "se": 0.01}, "b": {"mean": 1.05, "se": 0.01}, "c": {"mean": 1.2, "se": 0.02},
-               "one seed": {"mean": 9.0, "se": None}}
-    check = discrimination(entries)
-    assert (check["best"], check["worst"], check["passes"]) == ("a", "c", True)
-    assert check["standard_errors"] == pytest.approx(0.2 / math.hypot(0.01, 0.02))
-    entries["c"]["se"] = 0.1
-    assert not discrimination(entries)["passes"]
+
+def seeded(losses, seeds=None):
+    finite = [v for v in losses if v is not None]
+    mean, se = mean_and_se(finite)
+    return {"val_losses": losses, "val_loss_seeds": seeds or list(range(len(losses))), "mean": mean, "se": se}
+
+
+def test_a_gap_is_paired_by_seed_and_the_check_and_resolution_use_the_paired_errors():
+    # Seeds move both optimizers together: the per-seed differences are 0.10, 0.12, 0.11 (seed 3 diverged for one).
+    reference = seeded([1.0, 1.5, 2.0, 1.2])
+    entry = seeded([1.10, 1.62, 2.11, None])
+    differences = [0.10, 0.12, 0.11]
+    gap, gap_se = relative_gap(entry, reference)
+    assert gap == pytest.approx(entry["mean"] / reference["mean"] - 1)
+    assert gap_se == pytest.approx(statistics.stdev(differences) / math.sqrt(3) / reference["mean"])
+    assert gap_se < 0.1 * math.hypot(entry["se"], reference["se"]) / reference["mean"]
+    # Seeds are matched by name, not by position.
+    shuffled = seeded([2.11, 1.10, 1.62], seeds=[2, 0, 1])
+    assert relative_gap(shuffled, reference)[1] == pytest.approx(gap_se)
+
+    check = discrimination({"ref": reference, "entry": entry, "one seed": {"mean": 9.0, "se": None}})
+    assert (check["best"], check["worst"], check["passes"]) == ("ref", "entry", True)
+    assert check["standard_errors"] == pytest.approx(
+        (entry["mean"] - reference["mean"]) / (statistics.stdev(differences) / math.sqrt(3)))
+    noisy = seeded([1.0, 2.0, 1.4, None])  # differences 0.0, 0.5, -0.6: no consistent gap
+    assert not discrimination({"ref": reference, "noisy": noisy})["passes"]
+
+    third = seeded([1.2, 1.7, 2.2, 1.4])  # differences 0.2 on every seed: a gap with no error
+    ses = sorted([gap_se, relative_gap(noisy, reference)[1], relative_gap(third, reference)[1]])
+    assert ses[0] == pytest.approx(0.0, abs=1e-12)
+    assert resolution({"ref": reference, "entry": entry, "noisy": noisy, "third": third}, "ref") == \
+        pytest.approx(2 * ses[1])
+    assert resolution({"ref": reference}, "ref") is None

@@ -64,7 +64,7 @@ def test_a_failing_run_is_marked_and_the_rest_goes_on(tmp_path, monkeypatch, cap
 
 
 def test_the_speed_benchmarks_quick_section():
-    speed = run_speed(quick=True, progress=False)
+    speed = run_speed("quick", progress=False)
     for framework, yardstick in (("torch", "AdamW fused"), ("jax", "optax.adamw")):
         for shape, block in speed[framework].items():
             assert block["optimizers"][yardstick]["ratio_to_yardstick"] == 1.0
@@ -72,6 +72,7 @@ def test_the_speed_benchmarks_quick_section():
                 assert math.isfinite(entry["step_ms_median"]) and entry["step_ms_median"] > 0, (shape, name)
     for shape, block in speed["torch"].items():
         assert 0 < block["floor_gb_per_s"] < 10_000 and 0 < block["read_floor_gb_per_s"] < 10_000, shape
+        assert block["read_floor_probe"] in ("torch sum", "C finite_read") and block["threads"] == 1, shape
         # The non-finite read floor is one read of every gradient (4 bytes per parameter) at the read floor.
         assert block["nonfinite_read_floor_ms"] == pytest.approx(
             4 * block["n_params"] / block["read_floor_gb_per_s"] * 1e-6, rel=1e-9), shape
@@ -86,6 +87,7 @@ def test_the_speed_benchmarks_quick_section():
         assert block["optimizers"]["AdamW fused"]["floor_ratio_to_yardstick"] == pytest.approx(1.0)
     for name, entry in speed["torch_first_step"].items():
         assert entry["cold_s"] > 0 and entry["warm_s"] > 0 and entry["median_step_s"] > 0, name
+        assert entry["cold_construct_s"] > 0 and entry["warm_construct_s"] > 0, name
         assert entry["kernels"] in ("packaged", "built", "none"), name
     assert "STAC" in speed["torch_first_step"]
     fsdp2 = speed["torch_fsdp2"]
@@ -96,5 +98,5 @@ def test_the_speed_benchmarks_quick_section():
     # JAX compile time: the median of one compile per round.
     for shape, block in speed["jax"].items():
         for name, entry in block["optimizers"].items():
-            assert len(entry["compile_s_each"]) == speed["compile_rounds"] == 2, (shape, name)
+            assert len(entry["compile_s_each"]) == speed["compile_rounds"] >= 1, (shape, name)
             assert entry["compile_s"] == statistics.median(entry["compile_s_each"]) > 0, (shape, name)

@@ -16,9 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def entry(losses, state, suite="default"):
     mean, se = mean_and_se(losses)
     return {"best_lr": 0.003, "lr_source": "swept in this run", "sweep": {"0.003": losses[0] if losses else None},
-            "val_losses": losses, "mean": mean, "se": se, "seeds": len(losses),
-            "diverged": sum(v is None for v in losses), "val_accuracy_mean": None, "state_bytes": state, "run_cpu_seconds": 1.0, "suite": suite,
-            "failures": []}
+            "val_losses": losses, "val_loss_seeds": list(range(len(losses))), "mean": mean, "se": se,
+            "seeds": len(losses), "diverged": sum(v is None for v in losses), "val_accuracy_mean": None,
+            "state_bytes": state, "run_cpu_seconds": 1.0, "suite": suite, "failures": []}
 
 
 def synthetic_result():
@@ -48,15 +48,19 @@ def synthetic_result():
 def test_the_readme_carries_gaps_with_standard_errors_ties_failures_and_the_checks():
     text = report.readme(synthetic_result())
     assert "Run of 2026-12-02T10:00:00+00:00 at commit abc1234" in text
-    assert text.count("Discrimination check: best (AdamW) and worst (Lion) differ by 50.0 standard errors: passes") == 2
+    assert text.count("Discrimination check: best (AdamW) and worst (Lion) differ by 50.0 standard errors of their "
+                      "seed-paired gap: passes") == 2
     assert "| AdamW | 0.003 | this run | 1.0000 ± 0.0058 | reference |" in text
-    assert "| STAC | 0.003 | this run | 1.0000 ± 0.0029 | tie (+0.0% ± 0.6%) |" in text
-    assert "| AdamW8bit | 26% | tie (+1.0% ± 0.8%) | tie (+1.0% ± 0.8%) | 0 / 2 / 0 |" in text
-    assert "| Adafactor | 1% | +11.0% ± 0.9% | +11.0% ± 0.9% | 0 / 0 / 2 |" in text
+    # Gaps are paired by seed: AdamW8bit's per-seed differences 0, 0.01, 0.02 have an SE of 0.01 / sqrt(3);
+    # Adafactor's 0.10, 0.10, 0.13 one of 0.01.
+    assert "| STAC | 0.003 | this run | 1.0000 ± 0.0029 | tie (+0.0% ± 0.8%) |" in text
+    assert "| AdamW8bit | 26% | tie (+1.0% ± 0.6%) | tie (+1.0% ± 0.6%) | 0 / 2 / 0 |" in text
+    assert "| Adafactor | 1% | +11.0% ± 1.0% | +11.0% ± 1.0% | 0 / 0 / 2 |" in text
+    assert "Resolution: a gap to AdamW under 1.2% (2 median standard errors of the gaps to it)" in text
     assert "diverged (1 of 3 seeds)" in text
     assert "| torch | task_a | STAMLite | 0.003 | 0 | TypeError: boom |" in text  # the failed run, marked
     assert "## STAC ablation" in text and "### against AdamW8bit" in text
-    assert "| STAC last 2 | 62% | **−10.0% ± 0.8%** |" in text
+    assert "| STAC last 2 | 62% | **−10.0% ± 0.0%** |" in text
     assert "| AdamW fused | 10.00 | 1.00 | 50% |" in text and "a_new_field" not in text
     assert report.headline_table(synthetic_result()) in text
 

@@ -109,15 +109,11 @@ STAC_SHAPES = [(f"{layer}.{kind}", shape) for layer, (out_f, in_f) in STAC_LAYER
                for kind, shape in (("weight", (out_f, in_f)), ("bias", (out_f,)))]
 
 
-def stac_cases(rng):
+def stac_cases(rng, configurations):
+    """A case per ``(name, last_n_layers, hyperparams)``; hyperparams hold lr, weight_decay and optionally
+    sign_momentum, sign_step_scale, sign_state_dtype ("int8" only), betas and eps, as STAC's arguments."""
     cases = []
-    for name, last_n_layers, hyperparams in [
-        ("defaults", 1, {"lr": 1e-2, "sign_momentum": 0.9, "weight_decay": 1e-2}),
-        ("plain_sign_two_adamw_layers", 2,
-         {"lr": 3e-2, "sign_momentum": 0.0, "weight_decay": 0.0, "betas": [0.8, 0.99], "eps": 1e-6}),
-        ("all_sign", 0, {"lr": 1e-2, "sign_momentum": 0.5, "weight_decay": 0.1}),
-        ("all_adamw", 10, {"lr": 1e-2, "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}),
-    ]:
+    for name, last_n_layers, hyperparams in configurations:
         params, grads = make_inputs(rng, STAC_SHAPES)
         layer_of = [pname.split(".")[0] for pname, _ in STAC_SHAPES]
         layer_names = [layer for layer, _ in STAC_LAYERS]
@@ -137,7 +133,10 @@ def stac_cases(rng):
                 else:
                     updated.append(reference.sign_step(
                         p, g, state, lr=sign_lr, sign_momentum=hyperparams.get("sign_momentum", 0.9),
-                        weight_decay=hyperparams["weight_decay"]))
+                        sign_step_scale=hyperparams.get("sign_step_scale"),
+                        b2=hyperparams.get("betas", (0.9, 0.999))[1], eps=hyperparams.get("eps", 1e-8),
+                        weight_decay=hyperparams["weight_decay"],
+                        int8_momentum=hyperparams.get("sign_state_dtype") == "int8"))
             current = updated
             history.append(current)
         cases.append(as_case(name, hyperparams, [hyperparams["lr"]] * STEPS, STAC_SHAPES, params, grads,
@@ -145,10 +144,30 @@ def stac_cases(rng):
     return cases
 
 
+STAC_CONFIGURATIONS = [
+    ("defaults", 1, {"lr": 1e-2, "sign_momentum": 0.9, "weight_decay": 1e-2}),
+    ("plain_sign_two_adamw_layers", 2,
+     {"lr": 3e-2, "sign_momentum": 0.0, "weight_decay": 0.0, "betas": [0.8, 0.99], "eps": 1e-6}),
+    ("all_sign", 0, {"lr": 1e-2, "sign_momentum": 0.5, "weight_decay": 0.1}),
+    ("all_adamw", 10, {"lr": 1e-2, "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}),
+]
+# STAC's factored trunk (sign_step_scale="factored"), in its own file (and random stream): the files above keep
+# their values.
+STAC_FACTORED_CONFIGURATIONS = [
+    ("factored", 1, {"lr": 1e-2, "sign_momentum": 0.0, "sign_step_scale": "factored", "weight_decay": 1e-2}),
+    ("factored_momentum_all_trunk", 0, {"lr": 3e-2, "sign_momentum": 0.9, "sign_step_scale": "factored",
+                                         "weight_decay": 0.1, "betas": [0.9, 0.99], "eps": 1e-6}),
+    ("factored_int8_momentum", 1, {"lr": 1e-2, "sign_momentum": 0.9, "sign_step_scale": "factored",
+                                   "sign_state_dtype": "int8", "weight_decay": 1e-2}),
+]
+
+
 def main():
     rng = np.random.default_rng(20261124)
-    for filename, cases in [("stac.json", stac_cases(rng)), ("stam.json", stam_cases(rng)),
-                            ("stam_lite.json", stam_lite_cases(rng))]:
+    for filename, cases in [("stac.json", stac_cases(rng, STAC_CONFIGURATIONS)), ("stam.json", stam_cases(rng)),
+                            ("stam_lite.json", stam_lite_cases(rng)),
+                            ("stac_factored.json", stac_cases(np.random.default_rng(20261202),
+                                                              STAC_FACTORED_CONFIGURATIONS))]:
         (HERE / filename).write_text(json.dumps({"cases": cases}, indent=1) + "\n")
         print("wrote", HERE / filename)
 

@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference
-from stac_stam.jax import STAM, STAMLite, stac, stac_partition, stac_recommended, stam, stam_lite
+from stac_stam.jax import STAM, STAMLite, stac, stac_compact, stac_partition, stac_recommended, stam, stam_lite
 
-FACTORIES = {"stac": stac, "stac_recommended": stac_recommended, "stam": stam, "stam_lite": stam_lite}
+FACTORIES = {"stac": stac, "stac_recommended": stac_recommended, "stac_compact": stac_compact, "stam": stam,
+             "stam_lite": stam_lite}
 NAMES = sorted(FACTORIES)
 LARGEST = float(jnp.finfo(jnp.float32).max)
 
@@ -33,7 +34,7 @@ def assert_trees_equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("factory", [stac, stac_recommended, stam, stam_lite, STAM, STAMLite],
+@pytest.mark.parametrize("factory", [stac, stac_recommended, stac_compact, stam, stam_lite, STAM, STAMLite],
                          ids=lambda f: f.__name__)
 @pytest.mark.parametrize("value, message", [
     (math.inf, r"learning_rate must be in \[0.0, inf\), got inf"),
@@ -204,7 +205,7 @@ def check_one_overflowing_step(optimizer, update, params, grads):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_skipped_step_with_overflowing_statistics_leaves_the_state_bit_identical(name):
     # A NaN in one leaf beside a finite gradient whose square overflows (the rare path): nothing changes.
-    optimizer = FACTORIES[name](1e-2, last_n_layers=0) if name.startswith("stac") else FACTORIES[name](1e-2)
+    optimizer = FACTORIES[name](1e-2, **ALL_TRUNK.get(name, {}))
     params = make_params()
     state = optimizer.init(params)
     update = jax.jit(optimizer.update)
@@ -223,6 +224,7 @@ def test_a_skipped_step_with_overflowing_statistics_leaves_the_state_bit_identic
 # which overflows as optax's does: every layer is in the trunk here.
 MAY_HOLD_INF = {"nu"}
 ALL_TRUNK = {"stac": dict(last_n_layers=0), "stac_recommended": dict(last_n_layers=0),
+             "stac_compact": dict(last_n_layers=0, adamw_output_layer=False, adamw_norm_layers=False),
              "stac_plain": dict(last_n_layers=0, sign_momentum=0.0)}
 SAFETY_FACTORIES = {**FACTORIES, "stac_plain": stac}
 

@@ -11,9 +11,10 @@ import optax
 import pytest
 
 import reference
-from stac_stam.jax import stac, stac_partition, stac_recommended
+from stac_stam.jax import stac, stac_compact, stac_partition, stac_recommended
 
-GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stac.json").read_text())
+GOLDEN = {"cases": [case for filename in ("stac.json", "stac_factored.json") for case in json.loads(
+    (pathlib.Path(__file__).resolve().parents[1] / "golden" / filename).read_text())["cases"]]}
 
 
 def golden_tree(case, values, dtype):
@@ -27,7 +28,8 @@ def golden_tree(case, values, dtype):
 def make_stac(case):
     hyper = case["hyperparams"]
     return stac(hyper["lr"], case["last_n_layers"], sign_momentum=hyper.get("sign_momentum", 0.9),
-                weight_decay=hyper["weight_decay"], betas=hyper.get("betas"), eps=hyper.get("eps", 1e-8))
+                weight_decay=hyper["weight_decay"], betas=hyper.get("betas"), eps=hyper.get("eps", 1e-8),
+                sign_step_scale=hyper.get("sign_step_scale"), sign_state_dtype=hyper.get("sign_state_dtype"))
 
 
 @pytest.mark.parametrize("case", GOLDEN["cases"], ids=[c["name"] for c in GOLDEN["cases"]])
@@ -69,7 +71,10 @@ def test_every_step_matches_the_float64_reference(case):
                 else:
                     ref[name] = reference.sign_step(ref[name], g, ref_states[name], lr=sign_lr,
                                                     sign_momentum=hyper.get("sign_momentum", 0.9),
-                                                    weight_decay=hyper["weight_decay"])
+                                                    sign_step_scale=hyper.get("sign_step_scale"),
+                                                    b2=hyper.get("betas", (0.9, 0.999))[1],
+                                                    eps=hyper.get("eps", 1e-8), weight_decay=hyper["weight_decay"],
+                                                    int8_momentum=hyper.get("sign_state_dtype") == "int8")
                 np.testing.assert_allclose(params[layer][kind], ref[name], rtol=1e-12, atol=1e-12)
 
 
@@ -273,6 +278,42 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
         stac_recommended(learning_rate, sign_state_dtype=None).init(params)))
 
 
+def test_compact_preset_is_the_factored_int8_trunk_with_the_last_layer_and_the_norms_in_the_cap():
+    params = {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.zeros(4)},
+              "norm": {"scale": jnp.ones(4)}, "head": {"kernel": jnp.ones((4, 2))}}
+    preset = stac_compact(2e-3)
+    explicit = stac(2e-3, sign_step_scale="factored", sign_state_dtype=jnp.int8, sign_learning_rate=2e-3,
+                    partition=stac_partition(params, 1, adamw_norm_layers=True, adamw_output_layer=True))
+    results = []
+    for optimizer in (preset, explicit):
+        state, current = optimizer.init(params), params
+        for step in range(3):
+            updates, state = jax.jit(optimizer.update)(jax.tree.map(lambda p: jnp.cos(p + step), current), state,
+                                                       current)
+            current = optax.apply_updates(current, updates)
+        results.append((current, state))
+    jax.tree.map(np.testing.assert_array_equal, results[0][0], results[1][0])
+    partition = stac_partition(params, 0, adamw_norm_layers=True, adamw_output_layer=True)
+    assert partition.sign_layer_names == ("dense",) and set(partition.adamw_layer_names) == {"norm", "head"}
+    int8_leaves = [leaf for leaf in jax.tree.leaves(results[0][1]) if leaf.dtype == jnp.int8]
+    assert [leaf.shape for leaf in int8_leaves] == [(4,), (3, 4)]  # the trunk's momentum codes, nothing else
+
+
+@pytest.mark.parametrize("sign_state_dtype", [None, jnp.int8])
+def test_factored_trunk_keeps_params_and_state_finite_on_finite_gradients_of_any_size(sign_state_dtype):
+    # As PyTorch's registry test: g^2 overflows float32 here, and XLA's CPU division flushed 1 / 3e38 to 0.
+    params = {"a": {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, "b": {"w": jnp.ones(4)}}
+    optimizer = stac(1e-2, 0, sign_step_scale="factored", sign_state_dtype=sign_state_dtype)
+    state, update = optimizer.init(params), jax.jit(optimizer.update)
+    largest = float(jnp.finfo(jnp.float32).max)
+    for value in (1e38, -largest, largest, -largest, 1e-45, 1e30, 0.0, -1e20):
+        updates, state = update(jax.tree.map(lambda p: jnp.full_like(p, value), params), state, params)
+        params = optax.apply_updates(params, updates)
+    assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves((params, state))
+               if jnp.issubdtype(leaf.dtype, jnp.floating))
+    assert int(state.nonfinite_skipped_steps) == 0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(learning_rate=-1.0), r"learning_rate must be in \[0.0, inf\)"),
     (dict(last_n_layers=-1), r"last_n_layers must be an integer >= 0, got -1"),
@@ -281,7 +322,8 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     (dict(betas=(0.9, 0.99), b1=0.8), r"give betas or b1/b2, not both"),
     (dict(adamw_weight_decay=-1.0), r"adamw_weight_decay must be in \[0.0, inf\)"),
     (dict(sign_learning_rate=-1e-3), r"sign_learning_rate must be in \[0.0, inf\)"),
-    (dict(sign_step_scale="rms"), r"sign_step_scale must be None or 'snr', got 'rms'"),
+    (dict(sign_step_scale="rms"), r"sign_step_scale must be None, 'snr' or 'factored', got 'rms'"),
+    (dict(sign_state_dtype=jnp.int8), r"sign_state_dtype=int8 .* needs sign_step_scale='factored'"),
     (dict(sign_step_scale="snr", sign_momentum=0.0), r"needs sign_momentum > 0"),
 ])
 def test_bad_input_names_the_argument(kwargs, message):

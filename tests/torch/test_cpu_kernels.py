@@ -221,3 +221,22 @@ def test_the_float32_blocks_of_a_read_fall_back_to_float64_where_squares_leave_f
                      stam_lite._stam_lite_sums).sums[0]
     g = grads[0].double()
     torch.testing.assert_close(sums, torch.stack([g.sum(), g.square().sum()]), rtol=1e-6, atol=0)
+
+
+def test_the_constructor_starts_the_build_and_the_first_step_waits_for_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(_cpu_kernels, "_library", None)
+    monkeypatch.setattr(_cpu_kernels, "_building", None)
+    monkeypatch.setattr(_cpu_kernels, "_PACKAGED", [])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = stam.STAM([param])
+    assert _cpu_kernels._building.process is not None and not _cpu_kernels._library  # compiling, not loaded
+    param.grad = torch.full((3,), 0.5)
+    optimizer.step()
+    assert _cpu_kernels._building is None and _cpu_kernels._library._name.startswith(str(tmp_path))
+    assert param.tolist() != [1.0, 1.0, 1.0]
+    # As in a new process (no library loaded) with the build cached: the constructor loads it, nothing builds.
+    monkeypatch.setattr(_cpu_kernels, "_library", None)
+    monkeypatch.setattr(_cpu_kernels.subprocess, "Popen", lambda *args, **kwargs: pytest.fail("compiled again"))
+    stam.STAM([param])
+    assert _cpu_kernels._library._name.startswith(str(tmp_path)) and _cpu_kernels._building is None

@@ -239,3 +239,25 @@ def test_lightning_example_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     trained = uninterrupted.state_dict()
     for name, value in resumed.state_dict().items():
         assert torch.equal(value, trained[name]), name
+
+
+@pytest.mark.parametrize("make_model", [gpt2, llama])
+def test_compact_puts_the_output_layer_and_the_norms_in_the_cap_and_keeps_a_quarter_of_adamws_state(make_model):
+    # The issue-19 budget: state tensors as stored (int8 codes, their row scales, the factored statistics and the
+    # cap's two moments) at most 25% of AdamW's bytes.
+    model = make_model()
+    optimizer = STAC.compact(model, lr=1e-3)
+    names = optimizer.partition.adamw_parameter_names
+    output = {"transformer.wte.weight"} if make_model is gpt2 else {"lm_head.weight"}
+    norms = {f"{module_name}.{own}" for module_name, module in model.named_modules()
+             if "Norm" in type(module).__name__ for own, _ in module.named_parameters(recurse=False)}
+    assert output | norms <= set(names) and norms
+    adamw = torch.optim.AdamW(make_model().parameters())
+    for opt in (optimizer, adamw):
+        for param in (p for group in opt.param_groups for p in group["params"]):
+            param.grad = torch.ones_like(param)
+        opt.step()
+    stored = sum(v.nbytes for state in optimizer.state.values() for v in state.values() if v.dim())
+    assert stored <= 0.25 * sum(v.nbytes for state in adamw.state.values() for v in state.values() if v.dim())
+    partition_bytes = sum(int(line.split()[3]) for line in optimizer.partition.table().splitlines()[1:])
+    assert partition_bytes == stored

@@ -11,7 +11,8 @@ from torch import nn
 import reference
 from stac_stam.torch import STAC
 
-GOLDEN = json.loads((pathlib.Path(__file__).resolve().parents[1] / "golden" / "stac.json").read_text())
+GOLDEN = {"cases": [case for filename in ("stac.json", "stac_factored.json") for case in json.loads(
+    (pathlib.Path(__file__).resolve().parents[1] / "golden" / filename).read_text())["cases"]]}
 
 
 def mlp(dtype=torch.float32, seed=0):
@@ -50,6 +51,11 @@ def assert_same(before, after):
          weight_decay=1e-2),
     dict(last_n_layers=0, lr=1e-2, sign_momentum=0.8, sign_step_scale="snr", weight_decay=0.0),
     dict(last_n_layers=0, lr=1e-2, weight_decay=1e-2),
+    dict(last_n_layers=1, lr=1e-2, sign_momentum=0.0, sign_step_scale="factored", weight_decay=1e-2),
+    dict(last_n_layers=0, lr=1e-2, sign_momentum=0.9, sign_interpolation=0.5, sign_step_scale="factored",
+         maximize=True, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1),
+    dict(last_n_layers=1, lr=1e-2, sign_step_scale="factored", sign_state_dtype="int8", maximize=True,
+         weight_decay=1e-2),
     dict(last_n_layers=1, lr=1e-2, sign_lr=5e-3, adamw_lr=2e-2, weight_decay=1e-2, sign_weight_decay=0.5,
          adamw_weight_decay=0.0),
 ])
@@ -84,11 +90,12 @@ def test_every_step_matches_the_float64_reference(options):
                     sign_step_scale=options.get("sign_step_scale"), b2=options.get("betas", (0.9, 0.999))[1],
                     eps=options.get("eps", 1e-8),
                     weight_decay=options.get("sign_weight_decay", options["weight_decay"]),
-                    maximize=options.get("maximize", False))
+                    maximize=options.get("maximize", False), int8_momentum=options.get("sign_state_dtype") == "int8")
         for name, param in model.named_parameters():
             np.testing.assert_allclose(param.detach().numpy(), ref_params[name], rtol=1e-12, atol=1e-12)
             state = optimizer.state[param]
-            for key in ("momentum_buffer", "grad_sq_mean", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            for key in ("momentum_buffer", "grad_sq_mean", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                        "exp_avg_sq_row", "exp_avg_sq_col", "momentum_scale"):
                 assert (key in state) == (key in ref_states[name]), key
                 if key in state:
                     np.testing.assert_allclose(state[key].numpy(), ref_states[name][key], rtol=1e-12, atol=1e-14)
@@ -104,7 +111,9 @@ def test_golden_vectors(case, dtype, tolerance):
             named[entry["name"]].copy_(torch.tensor(entry["value"], dtype=dtype).reshape(entry["shape"]))
     hyper = case["hyperparams"]
     optimizer = STAC(model, last_n_layers=case["last_n_layers"], lr=hyper["lr"],
-                     sign_momentum=hyper.get("sign_momentum", 0.9), weight_decay=hyper["weight_decay"],
+                     sign_momentum=hyper.get("sign_momentum", 0.9), sign_step_scale=hyper.get("sign_step_scale"),
+                     sign_state_dtype=hyper.get("sign_state_dtype"),
+                     weight_decay=hyper["weight_decay"],
                      betas=tuple(hyper.get("betas", (0.9, 0.999))), eps=hyper.get("eps", 1e-8))
     for step_grads, expected in zip(case["grads"], case["expected"]):
         for entry, grad in zip(case["params"], step_grads):
@@ -163,6 +172,25 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     assert overridden.sign_state_dtype is None and overridden.param_groups[0]["lr"] == 1e-4
 
 
+def test_compact_preset_is_the_factored_trunk_with_int8_momentum_and_the_output_layer_and_norms_in_the_cap():
+    model, twin = mlp(), mlp()
+    preset = STAC.compact(model, lr=2e-3)
+    explicit = STAC(twin, lr=2e-3, sign_lr=2e-3, sign_step_scale="factored", sign_state_dtype="int8",
+                    adamw_output_layer=True, adamw_norm_layers=True)
+    assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 2e-3), ("adamw", 2e-3)]
+    for step in range(3):
+        set_grads(model, seed=step)
+        set_grads(twin, seed=step)
+        preset.step()
+        explicit.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    state = preset.state[model[0].weight]
+    assert state["momentum_buffer"].dtype == torch.int8 and state["momentum_scale"].shape == (4,)
+    assert state["exp_avg_sq_row"].shape == (4,) and state["exp_avg_sq_col"].shape == (3,)
+    assert STAC.compact(mlp(), lr=1e-3, sign_momentum=0.0).state_dict()["param_groups"][0]["betas"][0] == 0.0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr=-1.0), r"lr must be in \[0.0, inf\), got -1.0"),
     (dict(sign_momentum=1.0), r"sign_momentum must be in \[0.0, 1.0\), got 1.0"),
@@ -172,12 +200,13 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     (dict(weight_decay=-0.1), r"weight_decay must be in"),
     (dict(adamw_lr=-1.0), r"adamw_lr must be in"),
     (dict(lr="fast"), r"lr must be a number or a 0-d floating tensor, got 'fast'"),
-    (dict(sign_state_dtype=torch.int8), r"sign_state_dtype must be a floating torch dtype"),
+    (dict(sign_state_dtype=torch.int16), r"sign_state_dtype must be a floating torch dtype"),
     (dict(sign_state_dtype="bfloat17"), r"sign_state_dtype must be a floating torch dtype"),
     (dict(last_n_layers=1.5), r"last_n_layers must be an integer >= 0"),
     (dict(sign_interpolation=1.0), r"sign_interpolation must be in \[0.0, 1.0\), got 1.0"),
-    (dict(sign_step_scale="rms"), r"sign_step_scale must be None or 'snr', got 'rms'"),
+    (dict(sign_step_scale="rms"), r"sign_step_scale must be None, 'snr' or 'factored', got 'rms'"),
     (dict(sign_step_scale="snr", sign_momentum=0.0), r"needs sign_momentum > 0"),
+    (dict(sign_state_dtype="int8"), r"sign_state_dtype=int8 .* needs sign_step_scale='factored'"),
 ])
 def test_bad_hyperparameters_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -15,7 +15,7 @@ import optax
 from stac_stam.jax._common import (check_flag, check_floating_dtype, check_range, gradients_finite, saturated,
                                     scalar_dtype, skip_nonfinite_steps, skip_weights)
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
-from stac_stam.partition import check_last_n_layers, split_layers, tree_layers
+from stac_stam.partition import check_last_n_layers, factored_shape, split_layers, tree_layers
 
 
 def _path_key(jax_path):
@@ -182,6 +182,90 @@ def scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype=None):
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+class FactoredState(NamedTuple):
+    """State of ``scale_by_factored``: PyTorch's ``step``, ``exp_avg_sq_row``, ``exp_avg_sq_col``,
+    ``momentum_buffer`` and ``momentum_scale`` (the last two None without momentum, the scales None unless the
+    momentum is int8)."""
+
+    count: jax.Array  # int32, steps taken
+    row: optax.Updates  # per tensor: EMA of the row means of g^2 (factored_shape's rows)
+    column: optax.Updates  # per tensor: EMA of the column means of g^2
+    momentum: optax.Updates  # m of the normalized step, in sign_state_dtype (int8: codes), or None
+    momentum_scale: optax.Updates  # int8 momentum: one scale per row, or None
+
+
+def scale_by_factored(sign_momentum, b2, eps, sign_state_dtype=None):
+    """Adafactor's normalized step (STAC's ``sign_step_scale="factored"``; see
+    ``stac_stam.torch.stac.sign_update``), each tensor seen as the matrix ``factored_shape`` gives::
+
+        R <- b2 R + (1 - b2) rowmean(g^2),   C <- b2 C + (1 - b2) colmean(g^2)
+        u  = g / (sqrt(R C^T / mean(R) / (1 - b2^t)) + eps),   u <- u / max(1, rms(u))
+        direction u, or with momentum m <- beta m + (1 - beta) u and direction m
+
+    ``sign_state_dtype=jnp.int8`` keeps m as int8 codes with one scale per row
+    (scale = the row's max |m| / 127, codes rounded to nearest, ties to even).
+    ``update(..., finite=flag)`` as in ``scale_by_sign_momentum``; the int8
+    codes of a skipped step are kept by a select.
+    """
+    int8 = sign_state_dtype is not None and jnp.dtype(sign_state_dtype) == jnp.int8
+
+    def init(params):
+        shapes = jax.tree.map(lambda p: factored_shape(p.shape), params)
+        zeros = lambda index: jax.tree.map(  # noqa: E731
+            lambda p, shape: jnp.zeros([shape[index]], scalar_dtype(p)), params, shapes)
+        momentum = scale = None
+        if sign_momentum != 0:
+            momentum = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=sign_state_dtype or p.dtype), params)
+            scale = zeros(0) if int8 else None
+        return FactoredState(jnp.zeros([], jnp.int32), zeros(0), zeros(1), momentum, scale)
+
+    def update(updates, state, params=None, finite=True):
+        del params
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+        b2_step, b2_complement = skip_weights(finite, b2)
+        beta, grad_weight = skip_weights(finite, sign_momentum)
+
+        def leaf(grad, row, column, momentum=None, scale=None):
+            dtype = row.dtype
+            rows, columns = factored_shape(grad.shape)
+            g = jnp.where(finite, grad, 0).astype(dtype)
+            square = jnp.square(g).reshape(rows, columns)
+            largest = jnp.finfo(dtype).max
+            row = jnp.minimum(b2_step * row + b2_complement * jnp.sum(square, 1) / max(columns, 1), largest)
+            column = jnp.minimum(b2_step * column + b2_complement * jnp.sum(square, 0) / max(rows, 1), largest)
+            # R / mean(R) as (R / max R) / mean(R / max R): a mean of float32 maxima would overflow. Both scaled by
+            # 2^-64 first when large: XLA's CPU divides through a reciprocal, which flushes 1 / 3e38 to 0.
+            top = jnp.max(row, initial=0)
+            shrink = jnp.where(top > 2.0 ** 64, 2.0 ** -64, 1.0).astype(dtype)
+            relative = row * shrink / jnp.maximum(top * shrink, jnp.finfo(dtype).tiny)
+            row_mean = jnp.maximum(jnp.mean(relative), jnp.finfo(dtype).tiny) if rows else jnp.ones([], dtype)
+            row_rms = jnp.sqrt(relative / (row_mean * (1 - b2 ** count.astype(dtype))))
+            u = g / (jnp.outer(row_rms, jnp.sqrt(column)) + eps).reshape(grad.shape)
+            u = u / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(u)) / max(u.size, 1)), 1)
+            if momentum is None:
+                return u.astype(grad.dtype), row, column, None, None
+            old = momentum.astype(dtype) if scale is None else (
+                momentum.astype(dtype).reshape(rows, columns) * scale[:, None]).reshape(grad.shape)
+            new = beta * old + grad_weight * u
+            if scale is None:
+                return new.astype(grad.dtype), row, column, new.astype(momentum.dtype), None
+            new_scale = jnp.max(jnp.abs(new.reshape(rows, columns)), axis=1, initial=0) / 127
+            codes = jnp.clip(jnp.round(new.reshape(rows, columns) / jnp.maximum(new_scale, jnp.finfo(dtype).tiny)[
+                :, None]), -127, 127).reshape(grad.shape).astype(momentum.dtype)
+            return (new.astype(grad.dtype), row, column, jnp.where(finite, codes, momentum),
+                    jnp.where(finite, new_scale, scale))
+
+        trees = [updates, state.row, state.column] + [tree for tree in (state.momentum, state.momentum_scale)
+                                                      if tree is not None]
+        per_leaf = jax.tree.map(leaf, *trees)
+        out = [jax.tree.map(lambda _, leaf_out: leaf_out[i], updates, per_leaf) for i in range(3)]
+        extra = [jax.tree.map(lambda _, leaf_out: leaf_out[i], updates, per_leaf) if tree is not None else None
+                 for i, tree in ((3, state.momentum), (4, state.momentum_scale))]
+        return out[0], FactoredState(count, out[1], out[2], *extra)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def scale_by_adam(b1, b2, eps):
     """``optax.scale_by_adam``'s direction, written with the same expressions (so the cap equals
     ``optax.adamw``), plus ``update(..., finite=flag)`` as in ``scale_by_sign_momentum`` (b1 = b2 = 1, g = 0)."""
@@ -233,7 +317,9 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
         cap:    optax.adamw(lr, b1, b2, eps, wd_a)     (equal to torch.optim.AdamW)
 
     with s = 1, or the per-tensor "snr" scale with ``sign_step_scale="snr"``
-    (see ``scale_by_snr_sign``); ``lr_s = 0.75 * learning_rate`` when there is
+    (see ``scale_by_snr_sign``), or Adafactor's normalized step instead of
+    s sign(m) with ``sign_step_scale="factored"`` (``scale_by_factored``;
+    ``sign_state_dtype=jnp.int8`` for its int8 momentum); ``lr_s = 0.75 * learning_rate`` when there is
     a cap and ``learning_rate`` when every layer is in the trunk, unless
     ``sign_learning_rate`` gives it (either may be a schedule). The partition
     comes from ``stac_partition`` on the params given to ``init`` (call
@@ -276,14 +362,22 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     if sign_learning_rate is not None:
         check_range("sign_learning_rate", sign_learning_rate, 0.0, schedule=True)
     check_range("sign_momentum", sign_momentum, 0.0, 1.0, high_open=True)
-    sign_state_dtype = None if sign_state_dtype is None else check_floating_dtype("sign_state_dtype",
-                                                                                  sign_state_dtype, None)
     check_flag("adamw_norm_layers", adamw_norm_layers)
     check_flag("adamw_output_layer", adamw_output_layer)
     if partition is not None and not isinstance(partition, PytreePartition):
         raise ValueError(f"partition must be a PytreePartition from stac_partition, got {partition!r}")
-    if sign_step_scale not in (None, "snr"):
-        raise ValueError(f"sign_step_scale must be None or 'snr', got {sign_step_scale!r}")
+    if sign_step_scale not in (None, "snr", "factored"):
+        raise ValueError(f"sign_step_scale must be None, 'snr' or 'factored', got {sign_step_scale!r}")
+    if sign_state_dtype is not None:
+        try:
+            int8_state = jnp.dtype(sign_state_dtype) == jnp.int8
+        except TypeError:
+            int8_state = False
+        if int8_state and sign_step_scale != "factored":
+            raise ValueError("sign_state_dtype=int8 stores the momentum of the factored trunk's normalized step; "
+                             "it needs sign_step_scale='factored'")
+        if not int8_state:
+            check_floating_dtype("sign_state_dtype", sign_state_dtype, None)
     if sign_step_scale == "snr" and sign_momentum == 0:
         raise ValueError("sign_step_scale='snr' scales by the momentum's size; it needs sign_momentum > 0")
     check_range("b1", b1, 0.0, 1.0, high_open=True)
@@ -307,6 +401,8 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     labels = lambda tree: resolved["partition"].labels(tree)  # noqa: E731
     if sign_step_scale == "snr":
         sign_direction = scale_by_snr_sign(sign_momentum, b2, eps, sign_state_dtype)
+    elif sign_step_scale == "factored":
+        sign_direction = scale_by_factored(sign_momentum, b2, eps, sign_state_dtype)
     else:
         sign_direction = scale_by_sign_momentum(sign_momentum, sign_state_dtype)
     directions = optax.partition({"sign": sign_direction, "adamw": scale_by_adam(b1, b2, eps)}, labels)
@@ -353,5 +449,17 @@ def stac_recommended(learning_rate=3e-3, **overrides):
     return stac(learning_rate, **options)
 
 
-__all__ = ["stac", "stac_recommended", "stac_partition", "PytreePartition", "scale_by_sign_momentum",
-           "scale_by_snr_sign", "scale_by_adam"]
+def stac_compact(learning_rate=3e-3, **overrides):
+    """``stac`` under a quarter of AdamW's state, like ``STAC.compact`` in PyTorch: the factored trunk
+    (``sign_step_scale="factored"``) with an int8 momentum at the cap's rate, the output (last) layer and the
+    normalization layers in the AdamW cap; everything else at ``stac``'s defaults, and ``overrides`` go to
+    ``stac`` and win. ``learning_rate`` may be a schedule."""
+    check_range("learning_rate", learning_rate, 0.0, schedule=True)
+    options = dict(sign_step_scale="factored", sign_state_dtype=jnp.int8, sign_learning_rate=learning_rate,
+                   adamw_output_layer=True, adamw_norm_layers=True)
+    options.update(overrides)
+    return stac(learning_rate, **options)
+
+
+__all__ = ["stac", "stac_recommended", "stac_compact", "stac_partition", "PytreePartition", "scale_by_sign_momentum",
+           "scale_by_snr_sign", "scale_by_factored", "scale_by_adam"]

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from stac_stam.partition import same_parameter_names
+from stac_stam.torch import _cpu_kernels
 from stac_stam.torch._kernels import all_finite, dtensor_type
 
 # The dtypes optimizer state may be kept in (float8 has no arithmetic on most devices).
@@ -147,6 +148,8 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults, error_if_nonfinite, fused):
         check_flag("error_if_nonfinite", error_if_nonfinite)
         check_flag("fused", fused)
+        if fused:
+            _cpu_kernels.prepare()  # the C kernels build (where they must) while the rest of the setup runs
         super().__init__(params, defaults)
         self.error_if_nonfinite = error_if_nonfinite
         self.fused = fused
@@ -409,10 +412,10 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
             value = saved[key]
             if key == "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 value = torch.tensor(float(value))
-            if not torch.is_tensor(value) or value.dtype not in STATE_DTYPES:
+            if not torch.is_tensor(value) or (value.dtype not in STATE_DTYPES and value.dtype != target.dtype):
                 form = f"a {value.dtype} tensor" if torch.is_tensor(value) else repr(value)
-                raise ValueError(f"checkpoint state {key!r} of parameter {label} must be a floating tensor, got "
-                                 f"{form}")
+                kind = "an int8" if target.dtype == torch.int8 else "a floating"  # STAC's int8 momentum codes
+                raise ValueError(f"checkpoint state {key!r} of parameter {label} must be {kind} tensor, got {form}")
             if value.shape != target.shape:
                 raise ValueError(f"checkpoint state {key!r} of parameter {label} has shape "
                                  f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")

@@ -4,10 +4,11 @@ The library is a plain shared object called through ctypes (no Python or
 torch headers). An installed package carries it, built at install time as the
 extension ``stac_stam.torch._cpu_kernels_lib`` (one build for every x86-64
 CPU: its loops pick AVX-512, AVX2 or the baseline at load time). A source
-checkout builds it on first use with the system's C compiler (``$CC``, else
-``cc``) into ``~/.cache/stac-stam`` (``$XDG_CACHE_HOME``), once per source and
-flags, in about a second. Where neither is possible the optimizers run their
-torch code instead, after one warning.
+checkout builds it with the system's C compiler (``$CC``, else ``cc``) into
+``~/.cache/stac-stam`` (``$XDG_CACHE_HOME``), once per source and flags, in
+about a second: started in the background by the first optimizer's
+constructor, so the first step finds it done or under way. Where neither is
+possible the optimizers run their torch code instead, after one warning.
 """
 
 import array
@@ -30,41 +31,86 @@ _PACKAGED = [_SOURCE.with_name("_cpu_kernels_lib" + suffix) for suffix in import
 # builds the packaged library with the same flags.
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 _library = None  # the loaded library; False once it could not be loaded or built
+_building = None  # the build prepare() started, until _load takes it
+
+
+class _Build:
+    """The library built with the system's C compiler into the cache, or found there: the compiler starts at
+    construction and runs in the background; ``result()`` waits for it and puts the library in place (one
+    rename: no half-written library)."""
+
+    def __init__(self):
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise OSError("no C compiler found (set CC)")
+        flags = [*FLAGS, "-shared", "-fPIC"]
+        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+        cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "stac-stam"
+        self.compiler, self.built, self.process = compiler, cache / f"cpu_kernels_{key}.so", None
+        if not self.built.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            self.scratch = tempfile.TemporaryDirectory(dir=cache)
+            self.output = pathlib.Path(self.scratch.name) / self.built.name
+            try:
+                self.process = subprocess.Popen([compiler, *flags, str(_SOURCE), "-o", str(self.output)],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            except OSError:
+                self.scratch.cleanup()
+                raise
+
+    def result(self):
+        if self.process is not None:
+            try:
+                _, errors = self.process.communicate()
+                if self.process.returncode:
+                    raise OSError(f"{self.compiler} failed: {errors.strip()[-2000:]}")
+                os.replace(self.output, self.built)
+            finally:
+                self.process = None
+                self.scratch.cleanup()
+        return self.built
 
 
 def _build():
-    """The library built with the system's C compiler into the cache, or found there."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler found (set CC)")
-    flags = [*FLAGS, "-shared", "-fPIC"]
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "stac-stam"
-    built = cache / f"cpu_kernels_{key}.so"
-    if not built.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as scratch:  # then one rename: no half-written library
-            output = pathlib.Path(scratch) / built.name
-            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(output)], capture_output=True,
-                                    text=True)
-            if result.returncode:
-                raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-            os.replace(output, built)
-    return built
+    """The library's path in the cache, built there first if it is not."""
+    return _Build().result()
+
+
+def _packaged():
+    """The library built at install time, unless it is older than the source (an editable install whose C file
+    was edited)."""
+    return next((path for path in _PACKAGED if path.exists() and path.stat().st_mtime >= _SOURCE.stat().st_mtime),
+                None)
+
+
+def prepare():
+    """Load the library, or where it must be built first start the build in the background: an optimizer's
+    constructor calls this, so its first step finds the library loaded, or its build (~1 s) done or under
+    way."""
+    global _building
+    if _library is not None or _building is not None:
+        return
+    if _packaged() is None:
+        try:
+            _building = _Build()
+        except OSError:
+            return  # _load tries again, and warns
+        if _building.process is not None:
+            return
+    _load()
 
 
 def _load():
-    global _library
+    global _library, _building
     if _library is None:
         try:
-            # A packaged library older than the source (an editable install whose C file was edited) is stale.
-            packaged = next((path for path in _PACKAGED
-                             if path.exists() and path.stat().st_mtime >= _SOURCE.stat().st_mtime), None)
-            _library = ctypes.CDLL(str(packaged or _build()))
+            _library = ctypes.CDLL(str(_packaged() or (_building or _Build()).result()))
         except OSError as error:
             warnings.warn(f"stac-stam cannot build its CPU kernels ({error}); its optimizers run their torch "
                           f"code instead", RuntimeWarning, stacklevel=4)
             _library = False
+        finally:
+            _building = None
     return _library or None
 
 

@@ -8,11 +8,11 @@ import torch
 from torch.optim.adamw import adamw as adamw_functional
 
 from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
-from stac_stam.partition import partition_trainable_layers, same_parameter_names
+from stac_stam.partition import factored_shape, partition_trainable_layers, same_parameter_names
 from stac_stam.torch._base import (SkipNonfiniteOptimizer, check_flag, check_names, check_pair, check_range,
                                    require_keys, resolve_state_dtype)
 from stac_stam.torch._cpu_kernels import statistics_table
-from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, largest_finite,
+from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, dtensor_type, largest_finite,
                                       one_minus_power, read_finite, read_sums, saturate_, traced_number, update,
                                       wide_dtype, widened, write_back)
 
@@ -38,6 +38,69 @@ def _adamw_fusable(param):
 TENSOR_STATISTICS = ("grad_sq_mean", "step")
 
 
+def _momentum_direction(g, m, *, sign_momentum, grad_weight, interpolation, interpolation_grad_weight, bound):
+    """The trunk's direction ``alpha m + (1 - alpha) g`` (with the old m), then ``m <- beta m + (1 - beta) g`` in
+    place, kept within [-bound, bound]; ``g`` and ``m`` lists in the compute dtype."""
+    direction = torch._foreach_add(torch._foreach_mul(m, interpolation),
+                                   torch._foreach_mul(g, interpolation_grad_weight))
+    torch._foreach_mul_(m, sign_momentum)
+    torch._foreach_add_(m, torch._foreach_mul(g, grad_weight))
+    saturate_(m, bound)
+    return direction
+
+
+def _decoded(codes, scales, dtype):
+    """int8 momentum codes times their rows' scales (``factored_shape``'s rows), in ``dtype``."""
+    return [code.to(dtype).reshape(len(scale), -1).mul_(scale.to(dtype)[:, None]).reshape(code.shape)
+            for code, scale in zip(codes, scales)]
+
+
+def _encode(values, codes, scales):
+    """Store ``values`` as int8 codes, in place: per row, scale = max|value| / 127 and code = round(value /
+    scale) (to nearest, ties to even)."""
+    for value, code, scale in zip(values, codes, scales):
+        if not value.numel():
+            continue
+        rows = value.reshape(len(scale), -1)
+        new_scale = rows.abs().amax(1) / 127
+        scale.copy_(new_scale)
+        code.copy_(rows.div(new_scale.clamp(min=torch.finfo(new_scale.dtype).tiny)[:, None]).round_()
+                   .clamp_(-127, 127).reshape(code.shape))
+
+
+def _factored_step(params, grads, rows, columns, steps, momenta=None, momentum_scales=None, *, lr, decay, b2, eps,
+                   grad_sign, **momentum):
+    """The trunk's update with ``sign_step_scale="factored"`` over lists (see ``sign_update``): the factored
+    statistics and the clipped normalized step u tensor by tensor (the statistics in float64: a float32 g^2 may
+    overflow; stored saturated at their dtype's largest value), the rest over the lists."""
+    dtype, wide = compute_dtype(params[0]), wide_dtype(params[0].device)
+    p, g = widened(params, dtype), widened(grads, dtype)
+    torch._foreach_add_(steps, 1.0)
+    normalized = []
+    for grad, row, column, step in zip(g, rows, columns, steps):
+        n_rows, n_columns = factored_shape(tuple(grad.shape))
+        square = grad.to(wide).square().reshape(n_rows, n_columns)
+        for stored, mean in ((row, square.sum(1) / max(n_columns, 1)), (column, square.sum(0) / max(n_rows, 1))):
+            stored.copy_((b2 * stored.to(wide) + (1 - b2) * mean).clamp_(max=largest_finite(stored.dtype)))
+        row_mean = row.to(wide).mean().clamp(min=torch.finfo(wide).tiny)
+        row_rms = (row.to(wide) / (row_mean * one_minus_power(b2, step.to(wide)))).sqrt().to(dtype)
+        u = grad / torch.outer(row_rms, column.to(wide).sqrt().to(dtype)).add_(eps).reshape(grad.shape)
+        rms = (u.to(wide).square().sum() / max(u.numel(), 1)).sqrt()
+        normalized.append(u.div_(rms.clamp(min=1.0).to(dtype)))  # a step of RMS over 1 clipped to 1 (Adafactor)
+    if momenta is None:
+        direction, lr = normalized, grad_sign * lr
+    else:  # the momentum of u (grad_sign in its weights), from and back to int8 codes with their row scales
+        m = widened(momenta, dtype) if momentum_scales is None else _decoded(momenta, momentum_scales, dtype)
+        direction = _momentum_direction(normalized, m, **momentum)
+        if momentum_scales is None:
+            write_back(momenta, m)
+        else:
+            _encode(m, momenta, momentum_scales)
+    torch._foreach_mul_(p, decay)
+    torch._foreach_sub_(p, torch._foreach_mul(direction, lr))
+    write_back(params, p)
+
+
 def _sign_step(params, grads, momenta=None, *, lr, decay, sign_momentum=None, grad_weight=None, interpolation=None,
                interpolation_grad_weight=None, bound=None):
     """The trunk's update over lists (``torch._foreach_*``); the C kernels ``sign_step``/``plain_sign_step`` do
@@ -48,11 +111,9 @@ def _sign_step(params, grads, momenta=None, *, lr, decay, sign_momentum=None, gr
         direction = g
     else:
         m = widened(momenta, dtype)
-        direction = torch._foreach_add(torch._foreach_mul(m, interpolation),
-                                       torch._foreach_mul(g, interpolation_grad_weight))
-        torch._foreach_mul_(m, sign_momentum)
-        torch._foreach_add_(m, torch._foreach_mul(g, grad_weight))
-        saturate_(m, bound)
+        direction = _momentum_direction(g, m, sign_momentum=sign_momentum, grad_weight=grad_weight,
+                                        interpolation=interpolation,
+                                        interpolation_grad_weight=interpolation_grad_weight, bound=bound)
         write_back(momenta, m)  # a 16-bit momentum rounded back
     step = torch._foreach_sign(direction)
     torch._foreach_mul_(step, lr)
@@ -81,6 +142,12 @@ def snr_rule(grad_sq_sum_mean, momentum_abs_mean, *, grad_sq_mean, step, lr, sig
     return torch.clamp(new_grad_sq_mean, max=largest), new_step, lr * momentum_size / rms
 
 
+def _momentum_compute_dtype(tensors):
+    """The dtype the group's momentum is kept within: its own, or its compute dtype for int8 codes."""
+    dtype = tensors.lists["momenta"][0].dtype
+    return dtype if dtype.is_floating_point else compute_dtype(tensors.lists["params"][0])
+
+
 def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolation, sign_step_scale, snr_b2,
                 snr_eps, weight_decay, maximize):
     """The trunk's update, in place, over a parameter group (``tensors``, a ``GroupTensors``).
@@ -92,6 +159,22 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
         m <- beta * m + (1 - beta) * g            beta = sign_momentum, in float32 at least
         p <- p - lr * s * sign(d)                 s = 1, or with sign_step_scale="snr":
         s  = mean(|m|) / (1 - beta^t) / (sqrt(v / (1 - b2^t)) + eps),   v <- b2 v + (1 - b2) mean(g^2)
+
+    With sign_step_scale="factored" the trunk takes Adafactor's normalized
+    step instead (Shazeer & Stern, 2018), g seen as a matrix (``factored_shape``:
+    the first dimension by the others; a vector is one column)::
+
+        R <- b2 R + (1 - b2) rowmean(g^2),   C <- b2 C + (1 - b2) colmean(g^2)
+        u  = g / (sqrt(R C^T / mean(R) / (1 - b2^t)) + eps)
+        u <- u / max(1, rms(u))                   a step of RMS over 1 clipped to 1
+        p <- p - lr * u                           sign_momentum = 0, or with momentum:
+        d <- alpha * m + (1 - alpha) * u,   m <- beta * m + (1 - beta) * u,   p <- p - lr * d
+
+    R C^T / mean(R) is the rank-1 estimate of AdamW's v (exact for a vector),
+    kept in (rows + columns) numbers per tensor: the state ``exp_avg_sq_row``,
+    ``exp_avg_sq_col`` (float32 at least, saturated at their largest value)
+    and ``step``; the momentum is Adafactor's, of the normalized step. It runs
+    on the torch path (no C kernel).
 
     With alpha = beta (the seeds' rule) d is the new m; alpha < beta is Lion's
     update (Chen et al., 2023), which weights the fresh gradient more. The
@@ -111,12 +194,22 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
     """
     grad_sign = -1.0 if maximize else 1.0
     decay = 1 - lr * weight_decay
-    if "momenta" not in tensors.lists:  # sign_momentum == 0; sign(-g) = -sign(g): maximizing flips the step
+    if sign_interpolation is None:
+        sign_interpolation = sign_momentum
+    momentum = {} if "momenta" not in tensors.lists else dict(
+        sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum), interpolation=sign_interpolation,
+        interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation),
+        bound=largest_finite(_momentum_compute_dtype(tensors)))
+    if sign_step_scale == "factored":
+        names = ["params", "grads", "rows", "columns", "steps"] + [name for name in ("momenta", "momentum_scales")
+                                                                   if name in tensors.lists]
+        update(tensors, None, _factored_step, names,
+               numbers=dict(lr=lr, decay=decay, b2=snr_b2, eps=snr_eps, grad_sign=grad_sign, **momentum))
+        return
+    if not momentum:  # sign_momentum == 0; sign(-g) = -sign(g): maximizing flips the step
         update(tensors, "plain_sign_step", _sign_step, ["params", "grads"],
                numbers=dict(lr=grad_sign * lr, decay=decay))
         return
-    if sign_interpolation is None:
-        sign_interpolation = sign_momentum
     rate = lr
     if sign_step_scale == "snr":
         device = read.sums.device
@@ -124,12 +217,8 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
         grad_sq_mean, step, rate = snr_rule(*read.means(), **values, lr=lr, sign_momentum=sign_momentum, b2=snr_b2,
                                             eps=snr_eps, largest=statistics.largest(device))
         statistics.store(dict(grad_sq_mean=grad_sq_mean, step=step))
-    momentum_dtype = tensors.lists["momenta"][0].dtype
     update(tensors, "sign_step", _sign_step, ["params", "grads", "momenta"], vectors=dict(lr=rate),
-           numbers=dict(decay=decay, sign_momentum=sign_momentum, grad_weight=grad_sign * (1.0 - sign_momentum),
-                        interpolation=sign_interpolation,
-                        interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation),
-                        bound=largest_finite(momentum_dtype)))
+           numbers=dict(decay=decay, **momentum))
 
 
 def _resolve_alias(given, current_name, current_value):
@@ -282,14 +371,22 @@ class STAC(SkipNonfiniteOptimizer):
                                   the trunk group's ``betas[0]``)
     sign of alpha m + (1-alpha) g ``sign_interpolation`` alpha (default: the new m)
     step scale s                  ``sign_step_scale`` (None: 1; "snr": per tensor,
-                                  mean|m_hat| / (sqrt(v_hat) + eps), v with betas[1])
+                                  mean|m_hat| / (sqrt(v_hat) + eps), v with betas[1];
+                                  "factored": Adafactor's d / sqrt(v_hat) instead
+                                  of sign(d), see ``sign_update``)
     lr_a                          ``adamw_lr`` (default ``lr``)
     lr_s                          ``sign_lr`` (default ``0.75 * lr`` when there is a
                                   cap, ``lr`` when every layer is in the trunk)
     wd_s / wd_a                   ``sign_weight_decay`` / ``adamw_weight_decay``
                                   (default ``weight_decay``, 0.0 as in stac-optimizer 0.1.5)
-    storage dtype of m            ``sign_state_dtype`` (default: the parameter's)
+    storage dtype of m            ``sign_state_dtype`` (default: the parameter's;
+                                  ``torch.int8`` with "factored": codes and a
+                                  float32 scale per row, ``momentum_scale``)
     ============================  ===================================================
+
+    ``STAC.compact`` is the configuration under a quarter of AdamW's state
+    (the factored trunk with int8 momentum, the output layer and the norms in
+    the cap); ``STAC.recommended`` the earlier sign-trunk one.
 
     Seed 000's names still work: ``trunk_momentum``, ``trunk_lr``, ``cap_lr``,
     ``trunk_weight_decay``, ``cap_weight_decay``; giving one with a different
@@ -416,7 +513,13 @@ class STAC(SkipNonfiniteOptimizer):
         check_flag("adamw_norm_layers", adamw_norm_layers)
         check_flag("adamw_output_layer", adamw_output_layer)
         betas = tuple(check_pair("betas", betas))
-        sign_state_dtype = resolve_state_dtype("sign_state_dtype", sign_state_dtype)
+        if sign_state_dtype in ("int8", "torch.int8", torch.int8):
+            if sign_step_scale != "factored":
+                raise ValueError("sign_state_dtype=int8 stores the momentum of the factored trunk's normalized step "
+                                 "(values of about 1, which 8-bit codes hold); it needs sign_step_scale='factored'")
+            sign_state_dtype = torch.int8
+        else:
+            sign_state_dtype = resolve_state_dtype("sign_state_dtype", sign_state_dtype)
         model, param_groups = _model_and_param_groups(params, model)
 
         partition = partition_trainable_layers(
@@ -448,7 +551,15 @@ class STAC(SkipNonfiniteOptimizer):
         # What partition.table() counts per trunk element: no momentum, or one in sign_state_dtype (None: the
         # parameter's dtype).
         momentum_bytes = 0 if sign_momentum == 0.0 else sign_state_dtype.itemsize if sign_state_dtype else None
-        self.partition = dataclasses.replace(partition, sign_state_bytes_per_element=momentum_bytes)
+        self.partition = dataclasses.replace(
+            partition, sign_state_bytes_per_element=momentum_bytes,
+            factored_second_moment=sign_step_scale == "factored",
+            row_scaled_momentum=sign_state_dtype == torch.int8 and sign_momentum != 0.0)
+        dtensor = dtensor_type()
+        if sign_step_scale == "factored" and dtensor is not None and any(
+                isinstance(param, dtensor) for param in partition.sign_parameters):
+            raise ValueError("sign_step_scale='factored' keeps row and column statistics of whole tensors; it does "
+                             "not take sharded (DTensor, FSDP2) parameters yet: use sign_step_scale='snr' there")
         self.sign_state_dtype = sign_state_dtype
         # The defaults every group holds: OneCycleLR and CyclicLR look for betas in them.
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
@@ -471,7 +582,7 @@ class STAC(SkipNonfiniteOptimizer):
         noisy layers, 1 on consistent ones), and the 3x trunk rate gives the
         size back on average while keeping the per-layer differences. The bf16
         momentum keeps the trunk at a quarter of AdamW's state. The evidence,
-        per task and seed, is in ``docs/benchmark/ablation``.
+        per task and seed, is in ``docs/benchmark/README.md``.
 
         Example::
 
@@ -480,6 +591,33 @@ class STAC(SkipNonfiniteOptimizer):
         check_range("lr", lr, 0.0, tensor=True)
         options = dict(sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
                        sign_state_dtype=torch.bfloat16)
+        options.update(overrides)
+        return cls(params, lr=lr, **options)
+
+    @classmethod
+    def compact(cls, params=None, lr=3e-3, **overrides):
+        r"""STAC under a quarter of AdamW's state: a factored trunk with an int8 momentum, the output layer and
+        the normalization layers in the AdamW cap (issue 19).
+
+        ``STAC(model, lr=lr, sign_step_scale="factored", sign_state_dtype=torch.int8, sign_lr=lr,
+        adamw_output_layer=True, adamw_norm_layers=True)``, everything else at
+        STAC's defaults (``sign_momentum=0.9``); ``overrides`` go to ``STAC``
+        and win. The trunk takes Adafactor's normalized step (a factored second
+        moment: a row and a column per tensor, Shazeer & Stern 2018) with the
+        momentum of that step (values of about 1) kept in int8 codes with one
+        float32 scale per row; the cap gets the output layer, tied or not, and
+        the norms, where Zhao et al. (ICLR 2025) find adaptivity matters most.
+        State: about 1 byte per trunk parameter (12.5% of AdamW's 8) plus the
+        cap's 8; both roles step at ``lr``. The evidence, per task and seed, is
+        in ``docs/benchmark/README.md``. Not for sharded (FSDP2) trunks yet.
+
+        Example::
+
+            optimizer = STAC.compact(model, lr=3e-3)
+        """
+        check_range("lr", lr, 0.0, tensor=True)
+        options = dict(sign_step_scale="factored", sign_state_dtype=torch.int8, sign_lr=lr, adamw_output_layer=True,
+                       adamw_norm_layers=True)
         options.update(overrides)
         return cls(params, lr=lr, **options)
 
@@ -499,10 +637,21 @@ class STAC(SkipNonfiniteOptimizer):
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = zeros()
             return state
+        state = {}
+        if group["sign_step_scale"] == "factored":
+            stat_dtype = torch.promote_types(param.dtype, torch.float32)
+            rows, columns = factored_shape(tuple(param.shape))
+            state.update(exp_avg_sq_row=torch.zeros(rows, dtype=stat_dtype, device=param.device),
+                         exp_avg_sq_col=torch.zeros(columns, dtype=stat_dtype, device=param.device),
+                         step=torch.zeros((), dtype=stat_dtype, device=param.device))
         if group["betas"][0] == 0.0:
-            return {}
-        state = dict(momentum_buffer=torch.zeros_like(param, dtype=self.sign_state_dtype or param.dtype,
-                                                      memory_format=torch.preserve_format))
+            return state
+        state["momentum_buffer"] = torch.zeros_like(param, dtype=self.sign_state_dtype or param.dtype,
+                                                    memory_format=torch.preserve_format)
+        if self.sign_state_dtype == torch.int8:  # codes, and a scale per row
+            state["momentum_scale"] = torch.zeros(factored_shape(tuple(param.shape))[0],
+                                                  dtype=torch.promote_types(param.dtype, torch.float32),
+                                                  device=param.device)
         if group["sign_step_scale"] == "snr":
             stat_dtype = torch.promote_types(param.dtype, torch.float32)
             state.update(grad_sq_mean=torch.zeros((), dtype=stat_dtype, device=param.device),
@@ -517,6 +666,17 @@ class STAC(SkipNonfiniteOptimizer):
             if group["amsgrad"]:
                 lists["max_exp_avg_sq"] = [state["max_exp_avg_sq"] for state in states]
             tensors = GroupTensors(self.fused, lists)
+            return read_finite(tensors), (states, tensors, None)
+        if group["sign_step_scale"] == "factored":
+            lists = dict(params=params, grads=grads, rows=[state["exp_avg_sq_row"] for state in states],
+                         columns=[state["exp_avg_sq_col"] for state in states],
+                         steps=[state["step"] for state in states])
+            if group["betas"][0] != 0.0:
+                lists["momenta"] = [state["momentum_buffer"] for state in states]
+            if self.sign_state_dtype == torch.int8 and group["betas"][0] != 0.0:
+                lists["momentum_scales"] = [state["momentum_scale"] for state in states]
+            tensors = GroupTensors(self.fused, lists)
+            tensors.demote()  # no C kernel
             return read_finite(tensors), (states, tensors, None)
         if group["betas"][0] == 0.0:  # plain signSGD
             tensors = GroupTensors(self.fused, dict(params=params, grads=grads))
@@ -593,8 +753,9 @@ class STAC(SkipNonfiniteOptimizer):
         if group["sign_interpolation"] is not None:
             check_range(f"{where}sign_interpolation", group["sign_interpolation"], 0.0, 1.0)
         check_range(f"{where}eps", group["snr_eps"], 0.0, low_open=True)
-        if group["sign_step_scale"] not in (None, "snr"):
-            raise ValueError(f"{where}sign_step_scale must be None or 'snr', got {group['sign_step_scale']!r}")
+        if group["sign_step_scale"] not in (None, "snr", "factored"):
+            raise ValueError(f"{where}sign_step_scale must be None, 'snr' or 'factored', got "
+                             f"{group['sign_step_scale']!r}")
         if group["sign_step_scale"] == "snr" and beta1 == 0.0:
             raise ValueError(f"{where}sign_step_scale='snr' scales by the momentum's size; it needs "
                              "sign_momentum > 0")
