@@ -118,6 +118,15 @@ def test_a_bare_array_is_one_layer_of_stac():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_update_without_params_says_they_are_needed(name):
+    # As optax.adamw: decoupled weight decay (and STAC's partition) read the parameters, even at weight_decay=0.
+    params = make_params()
+    optimizer = FACTORIES[name](1e-3)
+    with pytest.raises(ValueError, match="requires the current value of parameters"):
+        jax.jit(optimizer.update)(params, optimizer.init(params))  # refused while tracing: nothing compiles
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_update_takes_extra_args_and_does_not_recompile(name):
     # optax's test_optimizers_accept_extra_args: GradientTransformationExtraArgs, an unexpected keyword ignored.
     optimizer = FACTORIES[name](1e-2)
