@@ -261,6 +261,17 @@ def test_finite_gradients_never_make_a_parameter_or_a_state_nan(name):
     assert int(state.nonfinite_skipped_steps) == 0
 
 
+def test_the_factored_trunk_takes_gradients_whose_squares_flush_to_zero():
+    # (1e-19)^2 is subnormal in float32, which XLA's CPU flushes to 0: the row statistics were 0, their mean (held
+    # at float32's tiny) times 1 - b2^t flushed to 0 too, and 0 / 0 made every trunk parameter NaN.
+    optimizer = stac_compact(1e-3, **ALL_TRUNK["stac_compact"])
+    params = make_params()
+    updates, state = jax.jit(optimizer.update)(jax.tree.map(lambda p: jnp.full_like(p, 1e-19), params),
+                                               optimizer.init(params), params)
+    check_finite("stac_compact", optax.apply_updates(params, updates), state)
+    assert all(bool(jnp.all(u < 0)) for u in jax.tree.leaves(updates))
+
+
 # Property (hypothesis; bounded, derandomized): hyperparameters in range, gradients 10^U(low, high) with random
 # signs and zeros, low <= high in [-45, 30]. The hyperparameters are injected, so each optimizer compiles once.
 unit = st.floats(0.01, 0.999)
@@ -275,15 +286,17 @@ HYPERPARAMETERS = {
                                                    eps=st.integers(-30, 0).map(lambda e: 10.0 ** e),
                                                    weight_decay=st.floats(0.0, 10.0))),
 }
+HYPERPARAMETERS["stac_compact"] = HYPERPARAMETERS["stac_recommended"]
 
 
 def injected_factory(name):
     params = make_params()
-    if name == "stac_recommended":  # stac_recommended's options, with a trunk-only partition
+    if name.startswith("stac"):  # stac_recommended's or stac_compact's trunk, with a trunk-only partition
         partition = stac_partition(params, last_n_layers=0)
         factory = optax.inject_hyperparams(stac, static_args=("sign_state_dtype", "sign_momentum", "last_n_layers"))
-        return functools.partial(factory, partition=partition, sign_step_scale="snr", sign_state_dtype=jnp.bfloat16,
-                                 sign_momentum=0.9)
+        trunk = dict(sign_step_scale="snr", sign_state_dtype=jnp.bfloat16) if name == "stac_recommended" else dict(
+            sign_step_scale="factored", sign_state_dtype=jnp.int8)
+        return functools.partial(factory, partition=partition, sign_momentum=0.9, **trunk)
     else:
         factory = optax.inject_hyperparams(FACTORIES[name])
     return factory

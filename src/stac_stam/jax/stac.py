@@ -239,7 +239,8 @@ def scale_by_factored(sign_momentum, b2, eps, sign_state_dtype=None):
             shrink = jnp.where(top > 2.0 ** 64, 2.0 ** -64, 1.0).astype(dtype)
             relative = row * shrink / jnp.maximum(top * shrink, jnp.finfo(dtype).tiny)
             row_mean = jnp.maximum(jnp.mean(relative), jnp.finfo(dtype).tiny) if rows else jnp.ones([], dtype)
-            row_rms = jnp.sqrt(relative / (row_mean * (1 - b2 ** count.astype(dtype))))
+            # Divided in turn: row_mean (>= tiny) times 1 - b2^t can be subnormal, which XLA's CPU flushes to 0.
+            row_rms = jnp.sqrt(relative / row_mean / (1 - b2 ** count.astype(dtype)))
             u = g / (jnp.outer(row_rms, jnp.sqrt(column)) + eps).reshape(grad.shape)
             u = u / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(u)) / max(u.size, 1)), 1)
             if momentum is None:
