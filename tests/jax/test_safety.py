@@ -54,6 +54,8 @@ def test_a_bad_learning_rate_is_refused_at_construction(factory, value, message)
     (stam, dict(b2="0.999"), r"b2 must be a number, got '0.999'"),
     (stam, dict(weight_decay=math.inf), r"weight_decay must be in \[0.0, inf\), got inf"),
     (stam, dict(eps=math.inf), r"eps must be in \(0.0, inf\), got inf"),
+    (stam, dict(eps=1e-40), r"eps must be at least 1.17\d*e-38 \(float32's smallest normal number"),
+    (STAMLite, dict(eps=1e-39), r"eps must be at least 1.17\d*e-38"),
     (stam, dict(adapt_strength=True), r"adapt_strength must be a number, got True"),
     (STAM, dict(tau_decay=[0.9]), r"tau_decay must be a number, got \[0.9\]"),
     (STAM, dict(error_if_nonfinite="yes"), r"error_if_nonfinite must be True or False, got 'yes'"),

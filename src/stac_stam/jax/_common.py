@@ -44,6 +44,16 @@ def check_range(name, value, low, high=None, *, low_open=False, high_open=False,
         raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {upper}, got {value!r}")
 
 
+def check_eps(value):
+    """``eps`` in (0, inf) and, as a number, at least float32's smallest normal number: XLA's CPU flushes smaller
+    (subnormal) values to 0, and an eps of 0 divides 0 by 0 where a tensor's gradients are all 0."""
+    check_range("eps", value, 0.0, low_open=True)
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    if isinstance(value, numbers.Real) and value < tiny:
+        raise ValueError(f"eps must be at least {tiny} (float32's smallest normal number: XLA's CPU flushes smaller "
+                         f"values to 0), got {value!r}")
+
+
 def check_flag(name, value):
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")

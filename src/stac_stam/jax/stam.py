@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stac_stam.jax._common import (SeedOptimizer, check_range, gradients_finite, per_tensor_means,
+from stac_stam.jax._common import (SeedOptimizer, check_eps, check_range, gradients_finite, per_tensor_means,
                                     per_tensor_scalars, per_tensor_vector, saturated, skip_nonfinite_steps, skip_weights)
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard).
@@ -154,7 +154,7 @@ def stam(learning_rate=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_str
     check_range("weight_decay", weight_decay, 0.0)
     check_range("adapt_strength", adapt_strength, 0.0, 0.5)
     check_range("tau_decay", tau_decay, 0.0, 1.0, low_open=True, high_open=True)
-    check_range("eps", eps, 0.0, low_open=True)
+    check_eps(eps)
     return skip_nonfinite_steps(
         scale_by_stam(b1_base, b2, adapt_strength, tau_decay, eps),
         optax.add_decayed_weights(weight_decay, mask),

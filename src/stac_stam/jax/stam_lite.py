@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stac_stam.jax._common import (SeedOptimizer, check_floating_dtype, check_interval, check_range,
+from stac_stam.jax._common import (SeedOptimizer, check_eps, check_floating_dtype, check_interval, check_range,
                                     gradients_finite, per_tensor_means, per_tensor_scalars, per_tensor_vector,
                                     saturated, skip_nonfinite_steps)
 
@@ -168,7 +168,7 @@ def stam_lite(learning_rate=1e-3, b1_base=0.9, weight_decay=0.01, adapt_strength
     # The default is None, not jnp.float32: optax.inject_hyperparams would take the callable
     # jnp.float32 for a schedule. Under inject_hyperparams pass it in static_args.
     state_dtype = check_floating_dtype("state_dtype", state_dtype, jnp.float32)
-    check_range("eps", eps, 0.0, low_open=True)
+    check_eps(eps)
     return skip_nonfinite_steps(
         scale_by_stam_lite(b1_base, adapt_strength, moment_decay, beta1_update_interval, state_dtype, eps),
         optax.add_decayed_weights(weight_decay, mask),
