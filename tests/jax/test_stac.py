@@ -78,9 +78,12 @@ def test_every_step_matches_the_float64_reference(case):
                 np.testing.assert_allclose(params[layer][kind], ref[name], rtol=1e-12, atol=1e-12)
 
 
-def test_cap_only_is_optax_adamw():
+@pytest.mark.parametrize("weight_decay", [None, 1e-2])
+def test_cap_only_is_optax_adamw(weight_decay):
+    # None: stac's default weight decay, 0.0 as in the PyTorch STAC and stac-optimizer 0.1.5.
     params = {"a": {"w": jnp.linspace(-1, 1, 6).reshape(2, 3)}, "b": {"w": jnp.ones(3)}}
-    ours, theirs = stac(1e-2, last_n_layers=5), optax.adamw(1e-2, weight_decay=1e-2)
+    ours = stac(1e-2, last_n_layers=5, **({} if weight_decay is None else {"weight_decay": weight_decay}))
+    theirs = optax.adamw(1e-2, weight_decay=weight_decay or 0.0)
     sa, sb = ours.init(params), theirs.init(params)
     a = b = params
     for step in range(4):
@@ -135,6 +138,26 @@ def test_flax_model_partitions_in_definition_order_and_trains():
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
     assert len(traces) == 1
+
+
+def test_adamw_output_layer_sends_the_last_layer_to_the_cap_beside_the_trunk():
+    # Issue 19: the output layer's weight in the cap whatever last_n_layers says (a pytree shares nothing, so its
+    # output layer is its last layer); a tied flax head has no leaf of its own: adamw_params names the embedding.
+    params = {"embed": {"embedding": jnp.ones((5, 2))}, "hidden": {"kernel": jnp.ones((2, 2))},
+              "head": {"kernel": jnp.ones((2, 5)), "bias": jnp.zeros(5)}}
+    partition = stac_partition(params, last_n_layers=0, adamw_output_layer=True)
+    assert partition.adamw_layer_names == ("head",) and partition.sign_layer_names == ("embed", "hidden")
+    tied = stac_partition(params, last_n_layers=0, adamw_params=lambda path: path == "embed/embedding")
+    assert tied.labels(params)["embed"]["embedding"] == "adamw" and tied.labels(params)["head"]["kernel"] == "sign"
+    optimizer = stac(1e-2, last_n_layers=0, adamw_output_layer=True)
+    state = optimizer.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates, _ = optimizer.update(grads, state, params)
+    # First steps: the cap's AdamW step is -lr sign(g), the trunk's sign step -0.75 lr sign(g).
+    np.testing.assert_allclose(updates["head"]["kernel"], -1e-2, rtol=1e-5)
+    np.testing.assert_allclose(updates["hidden"]["kernel"], -0.75e-2, rtol=1e-6)
+    with pytest.raises(ValueError, match="adamw_output_layer must be True or False, got 1"):
+        stac(1e-2, adamw_output_layer=1)
 
 
 def test_snr_scaled_trunk_matches_the_float64_reference():
@@ -243,9 +266,11 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
     optimizer = stac_recommended(learning_rate, weight_decay=0.0)
     state = optimizer.init(params)
     updates, state = jax.jit(optimizer.update)(grads, state, params)
-    # First step: m_hat = g, so the snr scale is mean|g| / rms(g); the trunk steps at 3 lr.
+    # First step: m_hat = g, so the snr scale is mean|g| / rms(g), with m stored in bfloat16 first (its mean is
+    # the rounded m's, within 2^-9 of mean|g|); the trunk steps at 3 lr.
     g = np.asarray(grads["a"]["w"])
-    scale = np.mean(np.abs(g)) / (np.sqrt(np.mean(g * g)) + 1e-8)
+    stored = np.asarray((jnp.float32(1 - 0.9) * grads["a"]["w"]).astype(jnp.bfloat16), np.float64)
+    scale = np.mean(np.abs(stored)) / (1 - 0.9) / (np.sqrt(np.mean(g * g)) + 1e-8)
     np.testing.assert_allclose(updates["a"]["w"], -3 * 2e-3 * scale * np.sign(g), rtol=1e-5)
     np.testing.assert_allclose(updates["b"]["w"], -2e-3 * np.sign(g), rtol=1e-4)  # AdamW's first step ~ lr sign(g)
     assert any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state))

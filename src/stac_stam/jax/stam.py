@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stac_stam.jax._common import (SeedOptimizer, check_range, gradients_finite, per_tensor_means,
-                                    per_tensor_scalars, per_tensor_vector, skip_nonfinite_steps, skip_weights)
+from stac_stam.jax._common import (SeedOptimizer, check_eps, check_range, gradients_finite, per_tensor_means,
+                                    per_tensor_scalars, per_tensor_vector, saturated, skip_nonfinite_steps, skip_weights)
 
 # sigma^2 is capped at VARIANCE_CAP * tau^2 (the seed's "variance explosion" guard).
 VARIANCE_CAP = 10.0
@@ -51,7 +51,10 @@ def scale_by_stam(b1_base=0.9, b2=0.999, adapt_strength=0.2, tau_decay=0.99, eps
         out    = [mu_t / (1 - prod_i beta1_i)] / (sqrt(nu_t / (1 - b2^t)) + eps)
 
     If var_t or tau_t is not finite, beta1 falls back to b1_base and both keep
-    their previous values. The tensor-level rule runs once over vectors of all
+    their previous values. mu is kept within its dtype's range; nu, an
+    elementwise average of g^2, overflows to Inf where |g| > 1.8e19 (float32),
+    as optax's and torch's AdamW's does, and that coordinate's step is then 0:
+    no finite gradient makes a parameter NaN or Inf. The tensor-level rule runs once over vectors of all
     tensors' statistics. Hyperparameters may be arrays (``inject_hyperparams``).
     ``update`` returns ``(direction, state, finite)``: ``finite`` is False when
     a gradient holds NaN or Inf (judged from the residual means, see
@@ -103,9 +106,10 @@ def scale_by_stam(b1_base=0.9, b2=0.999, adapt_strength=0.2, tau_decay=0.99, eps
         coefficients = per_tensor_scalars(beta1_step, inverse_correction)
         for grad, mu, nu, (tensor_beta1, tensor_correction) in zip(grads, mus, nus, coefficients):
             grad = jnp.where(finite, grad, 0)
-            mu = (tensor_beta1 * mu + (1 - tensor_beta1) * grad).astype(mu.dtype)
+            # mu stays finite; nu may overflow to Inf, and then the step is 0
+            mu = saturated((tensor_beta1 * mu + (1 - tensor_beta1) * grad).astype(mu.dtype))
             nu = (b2_step * nu + b2_complement_step * jnp.square(grad)).astype(nu.dtype)
-            directions.append((mu * tensor_correction / (jnp.sqrt(nu / nu_correction) + eps)).astype(grad.dtype))
+            directions.append((mu * (tensor_correction / (jnp.sqrt(nu / nu_correction) + eps))).astype(grad.dtype))
             new_mus.append(mu)
             new_nus.append(nu)
         state = STAMState(count, treedef.unflatten(new_mus), treedef.unflatten(new_nus), variance, scale,
@@ -144,14 +148,13 @@ def stam(learning_rate=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_str
         updates, state = optimizer.update(grads, state, params)
         params = optax.apply_updates(params, updates)
     """
-    if not callable(learning_rate):
-        check_range("learning_rate", learning_rate, 0.0)
+    check_range("learning_rate", learning_rate, 0.0, schedule=True)
     check_range("b1_base", b1_base, 0.0, 1.0, low_open=True, high_open=True)
     check_range("b2", b2, 0.0, 1.0, low_open=True, high_open=True)
     check_range("weight_decay", weight_decay, 0.0)
     check_range("adapt_strength", adapt_strength, 0.0, 0.5)
     check_range("tau_decay", tau_decay, 0.0, 1.0, low_open=True, high_open=True)
-    check_range("eps", eps, 0.0, low_open=True)
+    check_eps(eps)
     return skip_nonfinite_steps(
         scale_by_stam(b1_base, b2, adapt_strength, tau_decay, eps),
         optax.add_decayed_weights(weight_decay, mask),
@@ -169,5 +172,6 @@ class STAM(SeedOptimizer):
 
     def __init__(self, learning_rate=1e-3, b1_base=0.9, b2=0.999, weight_decay=0.01, adapt_strength=0.2,
                  tau_decay=0.99, eps=1e-8, error_if_nonfinite=False):
-        super().__init__(stam(learning_rate, b1_base, b2, weight_decay, adapt_strength, tau_decay, eps),
+        super().__init__(stam, dict(learning_rate=learning_rate, b1_base=b1_base, b2=b2, weight_decay=weight_decay,
+                                    adapt_strength=adapt_strength, tau_decay=tau_decay, eps=eps),
                          error_if_nonfinite)
