@@ -3,9 +3,9 @@ its learning-rate sweep grid.
 
 A row imports nothing until a run builds its optimizer, so the main job can
 print its plan before torch and jax load. Weight decay is 0.01 wherever it is
-decoupled (AdamW and its 8-bit and factored peers, Lion, STAC, STAM), 0 for
+decoupled (AdamW and its 8-bit and factored peers, Lion, STAM, STAMLite), 0 for
 SGD with momentum and for optax's Adafactor (whose decay is not scaled by the
-rate). The ``default`` suite is what the main job compares; the ``ablation``
+rate); STAC's rows run at STAC's own default, 0 (stac-optimizer 0.1.5's). The ``default`` suite is what the main job compares; the ``ablation``
 suite is STAC's candidate changes, each alone and combined (issue 19): a new
 candidate is one row of ``ablation_registry``.
 """
