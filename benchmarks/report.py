@@ -152,7 +152,32 @@ def _speed_section(speed):
                 cells = [fmt(e[key]) if e.get(key) is not None else "-" for key, _, fmt in columns]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
-    return lines
+    return lines + _first_step_lines(speed.get("torch_first_step")) + _fsdp2_lines(speed.get("torch_fsdp2"))
+
+
+def _first_step_lines(first_steps):
+    if not first_steps:
+        return []
+    lines = ["### torch, first step in a fresh process (digits MLP)", "",
+             "| optimizer | cold | warm | median step | cold / median | warm / median | constructor (cold) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, e in first_steps.items():
+        lines.append(f"| {name} | {e['cold_s'] * 1e3:.1f} ms | {e['warm_s'] * 1e3:.1f} ms | "
+                     f"{e['median_step_s'] * 1e3:.2f} ms | {e['cold_ratio_to_median']:.1f}x | "
+                     f"{e['warm_ratio_to_median']:.1f}x | {e['cold_construct_s']:.2f} s |")
+    return lines + [""]
+
+
+def _fsdp2_lines(fsdp2):
+    if not fsdp2 or "optimizers" not in fsdp2:
+        return []
+    lines = [f"### torch, FSDP2: {fsdp2['world_size']} {fsdp2['backend']} processes of "
+             f"{fsdp2['threads_per_process']} thread, {fsdp2['shape']} shape; yardstick {fsdp2['yardstick']} "
+             "under FSDP2", "", "| optimizer | step ms | vs yardstick | state per rank |", "|---|---:|---:|---:|"]
+    for name, e in fsdp2["optimizers"].items():
+        lines.append(f"| {name} | {e['step_ms_median']:.2f} | {e['ratio_to_yardstick']:.2f} | "
+                     f"{_bytes(e['state_bytes_per_rank'])} |")
+    return lines + [""]
 
 
 def _failures_section(result):

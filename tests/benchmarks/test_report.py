@@ -94,3 +94,25 @@ def test_state_bytes_count_real_storage_once_and_a_quantized_state_by_its_codes_
         sizes[name] = state_bytes(optimizer)
     assert sizes["AdamW"] == 2 * 4 * (128 * 128 + 128) + 2 * 4  # two moments, two 0-d steps
     assert sizes["Adafactor"] < 0.05 * sizes["AdamW"]
+
+
+def test_the_readme_shows_the_first_steps_and_the_fsdp2_ratios():
+    result = synthetic_result()
+    result["speed"]["torch_first_step"] = {"STAC": {
+        "cold_s": 0.002, "warm_s": 0.001, "median_step_s": 0.0005, "cold_ratio_to_median": 4.0,
+        "warm_ratio_to_median": 2.0, "cold_construct_s": 1.25, "warm_construct_s": 1.0, "kernels": "packaged"}}
+    result["speed"]["torch_fsdp2"] = {"shape": "stack", "world_size": 2, "backend": "gloo", "threads_per_process": 1,
+                                      "yardstick": "AdamW", "optimizers": {
+                                          "AdamW": {"step_ms_median": 40.0, "ratio_to_yardstick": 1.0,
+                                                    "state_bytes_per_rank": 2048},
+                                          "STAM": {"step_ms_median": 12.0, "ratio_to_yardstick": 0.3,
+                                                   "state_bytes_per_rank": 2048}}}
+    text = report.readme(result)
+    assert "| STAC | 2.0 ms | 1.0 ms | 0.50 ms | 4.0x | 2.0x | 1.25 s |" in text
+    assert "### torch, FSDP2: 2 gloo processes of 1 thread, stack shape" in text
+    assert "| STAM | 12.00 | 0.30 | 2.0 KiB |" in text
+
+
+def test_the_committed_benchmark_readme_is_written_from_the_committed_report():
+    committed = json.loads((ROOT / "docs" / "benchmark" / "report.json").read_text())
+    assert (ROOT / "docs" / "benchmark" / "README.md").read_text().strip() == report.readme(committed).strip()
