@@ -4,8 +4,7 @@ When the model has both a trunk and a cap, the cap steps at ``lr`` and the sign
 trunk at ``SIGN_LR_SCALE * lr`` (the seeds' rule); with no cap the trunk steps
 at ``lr``. ``STAC.recommended`` / ``stac_recommended`` use
 ``RECOMMENDED_SIGN_LR_SCALE`` instead, with the "snr" step scale that
-shrinks each tensor's sign step to AdamW's average step size (the benchmark
-ablation's best, issue 6).
+shrinks each tensor's sign step to AdamW's average step size.
 """
 
 SIGN_LR_SCALE = 0.75

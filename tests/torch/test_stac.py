@@ -155,18 +155,23 @@ def test_learning_rates_of_each_role_and_seed_000_aliases():
         STAC(mlp(), adamw_weight_decay=0.0, cap_weight_decay=0.1)
 
 
+def assert_same_steps(model, optimizer, twin, twin_optimizer, steps=3):
+    """The two optimizers, given the same gradients, leave their models bit-identical."""
+    for step in range(steps):
+        set_grads(model, seed=step)
+        set_grads(twin, seed=step)
+        optimizer.step()
+        twin_optimizer.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_the_rate():
     model, twin = mlp(), mlp()
     preset = STAC.recommended(model, lr=2e-3)
     explicit = STAC(twin, lr=2e-3, sign_step_scale="snr", sign_lr=3 * 2e-3, sign_state_dtype=torch.bfloat16)
     assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 6e-3), ("adamw", 2e-3)]
-    for step in range(3):
-        set_grads(model, seed=step)
-        set_grads(twin, seed=step)
-        preset.step()
-        explicit.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_same_steps(model, preset, twin, explicit)
     assert preset.state[model[0].weight]["momentum_buffer"].dtype == torch.bfloat16
     overridden = STAC.recommended(mlp(), lr=1e-3, sign_state_dtype=None, sign_lr=1e-4)
     assert overridden.sign_state_dtype is None and overridden.param_groups[0]["lr"] == 1e-4
@@ -178,13 +183,7 @@ def test_compact_preset_is_the_factored_trunk_with_int8_momentum_and_the_output_
     explicit = STAC(twin, lr=2e-3, sign_lr=2e-3, sign_step_scale="factored", sign_state_dtype="int8",
                     adamw_output_layer=True, adamw_norm_layers=True)
     assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 2e-3), ("adamw", 2e-3)]
-    for step in range(3):
-        set_grads(model, seed=step)
-        set_grads(twin, seed=step)
-        preset.step()
-        explicit.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_same_steps(model, preset, twin, explicit)
     state = preset.state[model[0].weight]
     assert state["momentum_buffer"].dtype == torch.int8 and state["momentum_scale"].shape == (4,)
     assert state["exp_avg_sq_row"].shape == (4,) and state["exp_avg_sq_col"].shape == (3,)

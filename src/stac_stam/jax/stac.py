@@ -1,7 +1,7 @@
 """STAC for JAX/optax: the same trunk/cap split and the same numbers as the PyTorch STAC.
 
 ``from stac_stam.jax import stac, stac_partition`` (seed API: ``from stac_optimizer.optax import ...``), and
-``stac_recommended``, the ablation's configuration.
+the presets ``stac_recommended`` and ``stac_compact`` (PyTorch's ``STAC.recommended`` and ``STAC.compact``).
 """
 
 from collections.abc import Mapping
@@ -434,7 +434,7 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
 
 
 def stac_recommended(learning_rate=3e-3, **overrides):
-    """``stac`` as the benchmark's ablation recommends it, like ``STAC.recommended`` in PyTorch.
+    """``stac`` at a quarter of AdamW's state, like ``STAC.recommended`` in PyTorch.
 
     SNR-scaled sign steps (``sign_step_scale="snr"``) with the trunk at
     ``3 * learning_rate``, and the trunk momentum in bfloat16; everything else

@@ -571,7 +571,7 @@ class STAC(SkipNonfiniteOptimizer):
 
     @classmethod
     def recommended(cls, params=None, lr=3e-3, **overrides):
-        r"""STAC as the benchmark's ablation recommends it: SNR-scaled sign steps at 3x the rate, bf16 momentum.
+        r"""STAC at a quarter of AdamW's state: SNR-scaled sign steps at 3x the rate, bf16 momentum.
 
         ``STAC(model, lr=lr, sign_step_scale="snr", sign_lr=RECOMMENDED_SIGN_LR_SCALE * lr,
         sign_state_dtype=torch.bfloat16)``, everything else at STAC's defaults;
@@ -597,7 +597,7 @@ class STAC(SkipNonfiniteOptimizer):
     @classmethod
     def compact(cls, params=None, lr=3e-3, **overrides):
         r"""STAC under a quarter of AdamW's state: a factored trunk with an int8 momentum, the output layer and
-        the normalization layers in the AdamW cap (issue 19).
+        the normalization layers in the AdamW cap.
 
         ``STAC(model, lr=lr, sign_step_scale="factored", sign_state_dtype=torch.int8, sign_lr=lr,
         adamw_output_layer=True, adamw_norm_layers=True)``, everything else at
