@@ -200,7 +200,10 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
     kept in (rows + columns) numbers per tensor: the state ``exp_avg_sq_row``,
     ``exp_avg_sq_col`` (float32 at least, saturated at their largest value)
     and ``step``; the momentum is Adafactor's, of the normalized step. It runs
-    on the torch path (no C kernel).
+    on the torch path (no C kernel). Under FSDP2 (``fully_shard``: dim 0
+    sharded) a process holds whole rows, so R and the int8 row scales are its
+    own (DTensors placed as their parameters); C's sums, mean(R) and rms(u)
+    are added over the shards (two ``all_reduce`` calls per group and step).
 
     With alpha = beta (the seeds' rule) d is the new m; alpha < beta is Lion's
     update (Chen et al., 2023), which weights the fresh gradient more. The
@@ -658,7 +661,8 @@ class STAC(SkipNonfiniteOptimizer):
         the norms, where Zhao et al. (ICLR 2025) find adaptivity matters most.
         State: about 1 byte per trunk parameter (12.5% of AdamW's 8) plus the
         cap's 8; both roles step at ``lr``. The evidence, per task and seed, is
-        in ``docs/benchmark/README.md``. Not for sharded (FSDP2) trunks yet.
+        in ``docs/benchmark/README.md``. Under FSDP2 it gives the numbers of
+        one process (see ``sign_update``).
 
         Example::
 
