@@ -136,6 +136,22 @@ def check_fsdp2_resume(rank, checkpoint_dir):
             assert torch.equal(*(v.to_local() if hasattr(v, "to_local") else v for v in (value, other))), (key, rank)
 
 
+def check_factored_refuses_a_trunk_sharded_over_another_dim(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(1)]))
+    try:
+        STAC.compact(model)
+    except ValueError as error:
+        assert "a sharded trunk parameter must be sharded over dim 0 only (Shard(0), as fully_shard does) or " \
+               "replicated; '0.weight' has placements (Shard(dim=1),)" in str(error), error
+    else:
+        raise AssertionError("STAC.compact took a trunk weight sharded over dim 1")
+
+
 def check_ddp(rank, name):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -160,10 +176,12 @@ def worker(rank, port, checkpoint_dir, errors):
                     check(rank, name)
                 except Exception:  # noqa: BLE001 -- every failure is reported, the other checks still run
                     errors.put(f"rank {rank}, {check.__name__}, {name}:\n{traceback.format_exc()}")
-        try:
-            check_fsdp2_resume(rank, checkpoint_dir)
-        except Exception:  # noqa: BLE001
-            errors.put(f"rank {rank}, check_fsdp2_resume:\n{traceback.format_exc()}")
+        for check, args in ((check_fsdp2_resume, (checkpoint_dir,)),
+                            (check_factored_refuses_a_trunk_sharded_over_another_dim, ())):
+            try:
+                check(rank, *args)
+            except Exception:  # noqa: BLE001
+                errors.put(f"rank {rank}, {check.__name__}:\n{traceback.format_exc()}")
     finally:
         dist.destroy_process_group()
 
