@@ -56,8 +56,8 @@ class GroupTensors:
     ``lists`` maps names to lists of tensors, one per parameter, the first
     list the parameters: their gradients and their state tensors of the
     parameter's shape. A DTensor enters as its local shard; ``shapes`` and
-    ``numels`` are the whole tensors' and ``shard_meshes[i]`` the mesh and the mesh
-    dimensions parameter i is sharded over (None for a plain tensor).
+    ``numels`` are the whole tensors' and ``shard_meshes[i]`` the mesh and
+    the mesh dimensions parameter i is sharded over (None for a plain tensor).
     ``bf16_lists`` names the lists the C kernels also take in bfloat16.
     """
 
