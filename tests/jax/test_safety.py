@@ -293,15 +293,11 @@ HYPERPARAMETERS["stac_compact"] = HYPERPARAMETERS["stac_recommended"]
 
 def injected_factory(name):
     params = make_params()
-    if name.startswith("stac"):  # stac_recommended's or stac_compact's trunk, with a trunk-only partition
-        partition = stac_partition(params, last_n_layers=0)
-        factory = optax.inject_hyperparams(stac, static_args=("sign_state_dtype", "sign_momentum", "last_n_layers"))
-        trunk = dict(sign_step_scale="snr", sign_state_dtype=jnp.bfloat16) if name == "stac_recommended" else dict(
-            sign_step_scale="factored", sign_state_dtype=jnp.int8)
-        return functools.partial(factory, partition=partition, sign_momentum=0.9, **trunk)
-    else:
-        factory = optax.inject_hyperparams(FACTORIES[name])
-    return factory
+    if name.startswith("stac"):  # the preset's trunk, with a trunk-only partition
+        factory = optax.inject_hyperparams(FACTORIES[name],
+                                           static_args=("sign_state_dtype", "sign_momentum", "last_n_layers"))
+        return functools.partial(factory, partition=stac_partition(params, last_n_layers=0))
+    return optax.inject_hyperparams(FACTORIES[name])
 
 
 def random_gradients(params, low, high, seed):

@@ -236,6 +236,24 @@ def test_inject_hyperparams_with_an_explicit_partition_matches_and_does_not_reco
     assert len(traces) == 1
 
 
+@pytest.mark.parametrize("preset", [stac_recommended, stac_compact])
+def test_the_presets_take_inject_hyperparams_and_keep_their_trunk(preset):
+    params = {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}, "head": {"kernel": jnp.ones((4, 2))}}
+    injected = optax.inject_hyperparams(preset, static_args=("last_n_layers", "sign_momentum", "sign_state_dtype"))(
+        learning_rate=1e-2, partition=stac_partition(params))
+    plain = preset(1e-2, partition=stac_partition(params))
+    state, plain_state = injected.init(params), plain.init(params)
+    for step in range(3):
+        grads = jax.tree.map(lambda p: jnp.cos(p + step), params)
+        updates, state = injected.update(grads, state, params)
+        expected, plain_state = plain.update(grads, plain_state, params)
+        # Rates as arrays round slightly differently, and an int8 momentum code can round the other way.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), updates, expected)
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(1e-2)
+    trunk_dtype = jnp.bfloat16 if preset is stac_recommended else jnp.int8
+    assert jnp.dtype(trunk_dtype) in {leaf.dtype for leaf in jax.tree.leaves(state.inner_state)}
+
+
 def test_update_without_init_or_partition_says_what_to_do():
     params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
     state = stac(1e-2).init(params)

@@ -4,6 +4,7 @@
 the presets ``stac_recommended`` and ``stac_compact`` (PyTorch's ``STAC.recommended`` and ``STAC.compact``).
 """
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -449,8 +450,7 @@ def stac_recommended(learning_rate=3e-3, **overrides):
     check_range("learning_rate", learning_rate, 0.0, schedule=True)
     options = dict(sign_step_scale="snr", sign_state_dtype=jnp.bfloat16,
                    sign_learning_rate=_scaled(RECOMMENDED_SIGN_LR_SCALE, learning_rate))
-    options.update(overrides)
-    return stac(learning_rate, **options)
+    return stac(learning_rate, **_overridden(options, overrides))
 
 
 def stac_compact(learning_rate=3e-3, **overrides):
@@ -462,8 +462,30 @@ def stac_compact(learning_rate=3e-3, **overrides):
     options = dict(sign_step_scale="factored", sign_state_dtype=jnp.int8,
                    sign_learning_rate=_scaled(COMPACT_SIGN_LR_SCALE, learning_rate),
                    adamw_output_layer=True, adamw_norm_layers=True)
-    options.update(overrides)
-    return stac(learning_rate, **options)
+    return stac(learning_rate, **_overridden(options, overrides))
+
+
+def _overridden(options, overrides):
+    """A preset's ``options`` with the caller's ``overrides``; a ``sign_learning_rate`` of None keeps the preset's
+    (``optax.inject_hyperparams`` passes every parameter of the signature, None where not given)."""
+    if overrides.get("sign_learning_rate", 0) is None:
+        overrides = {name: value for name, value in overrides.items() if name != "sign_learning_rate"}
+    return {**options, **overrides}
+
+
+def _preset_signature(**defaults):
+    """``stac``'s signature with a preset's defaults: ``optax.inject_hyperparams`` binds a factory's arguments by
+    its signature (a ``**overrides`` would reach ``stac`` as one argument named "overrides")."""
+    signature = inspect.signature(stac)
+    return signature.replace(parameters=[parameter.replace(default=defaults.get(name, parameter.default))
+                                         for name, parameter in signature.parameters.items()])
+
+
+stac_recommended.__signature__ = _preset_signature(learning_rate=3e-3, sign_step_scale="snr",
+                                                   sign_state_dtype=jnp.bfloat16)
+stac_compact.__signature__ = _preset_signature(learning_rate=3e-3, sign_step_scale="factored",
+                                               sign_state_dtype=jnp.int8, adamw_output_layer=True,
+                                               adamw_norm_layers=True)
 
 
 __all__ = ["stac", "stac_recommended", "stac_compact", "stac_partition", "PytreePartition", "scale_by_sign_momentum",
