@@ -75,6 +75,7 @@ class GroupTensors:
         self.lists = lists
         self.bf16_lists = bf16_lists
         self.bf16 = False  # whether the bf16-capable lists hold bfloat16 (the C kernels' "_bf16" forms)
+        self._arrays = {}  # the C path's element counts and pointer arrays, by list name, made once per step
         self.path = "per_tensor" if not fused else "cpu" if self._c_serves(bf16_lists) else "foreach"
 
     def _c_serves(self, bf16_lists):
@@ -83,7 +84,7 @@ class GroupTensors:
             return False
         dtypes = {True: set(), False: set()}
         for name, tensors in self.lists.items():
-            if not all(map(_cpu_kernels.serves, tensors)):
+            if not _cpu_kernels.serves(tensors):
                 return False
             dtypes[name in bf16_lists].update(map(_DTYPE, tensors))
         if dtypes[False] - {torch.float32} or len(dtypes[True]) > 1 or dtypes[True] - {torch.float32, torch.bfloat16}:
@@ -94,6 +95,17 @@ class GroupTensors:
     def kernel(self, name, names):
         """The C kernel ``name`` for the lists ``names``: its "_bf16" form where one of them holds bfloat16."""
         return name + "_bf16" if self.bf16 and set(names) & set(self.bf16_lists) else name
+
+    def c_arrays(self, names):
+        """``_cpu_kernels.run``'s arrays for the lists ``names``: the (local) element counts, then each list's
+        data pointers; each made once per step, though the read and the update pass most lists both."""
+        arrays = self._arrays
+        if not arrays:
+            arrays["numels"] = _cpu_kernels.arrays([next(iter(self.lists.values()))])[0]
+        for name in names:
+            if name not in arrays:
+                arrays[name] = _cpu_kernels.pointers(self.lists[name])
+        return [arrays[name] for name in ("numels", *names)]
 
     def demote(self):
         """Run this group on the torch path (its 0-d state entries are not the C kernels' float32 numbers)."""
@@ -122,7 +134,7 @@ def read_finite(group, name="grads"):
     tensors = group.lists[name]
     if group.path == "cpu":
         nonfinite = torch.empty((), dtype=torch.float64)
-        _cpu_kernels.run("finite_read", [tensors], [nonfinite])
+        _cpu_kernels.run("finite_read", group.c_arrays([name]), [nonfinite])
         return Read(group, None, nonfinite)
     # The largest |value| of each (NaN when one is NaN); an empty tensor has none, and nothing non-finite.
     nonempty = [t for t in tensors if t.numel()]
@@ -139,7 +151,7 @@ def read_sums(group, c_kernel, names, torch_sums, numbers=()):
     lists = [group.lists[name] for name in names]
     if group.path == "cpu":
         sums = torch.empty(len(lists[0]), 2, dtype=torch.float64)
-        _cpu_kernels.run(group.kernel(c_kernel, names), lists, [sums], numbers)
+        _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), [sums], numbers)
     else:
         device = lists[0][0].device
         sums = torch.stack([torch_sums(*tensors, *numbers).to(device) for tensors in zip(*lists)])
@@ -227,8 +239,9 @@ def update(group, c_kernel, torch_update, names, vectors=None, numbers=None):
     if group.path == "cpu":
         per_tensor = [torch.full((len(lists[0]),), float(value)) if _is_one_number(value)
                       else value.to(device="cpu", dtype=torch.float32).contiguous() for value in vectors.values()]
-        _cpu_kernels.run(group.kernel(c_kernel, names), lists, per_tensor, [float(value) for value in numbers.values()])
-        written = [tensor for tensors in lists for tensor in tensors if tensor.numel()]
+        _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), per_tensor,
+                         [float(value) for value in numbers.values()])
+        written = [tensor for tensors in lists for tensor in tensors]
         torch.autograd.graph.increment_version(written)  # as torch's in-place ops do: autograd sees the change
         return
     if group.path == "per_tensor":
