@@ -245,7 +245,7 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
                 list(map(get, grads)) != list(map(get, params)) for get in checks):
             self._refuse_gradient(group, group_index)
         dtensor = dtensor_type()
-        if dtensor is not None:
+        if dtensor is not None and any(map(isinstance, grads, itertools.repeat(dtensor))):
             grads = [grad.redistribute(param.device_mesh, param.placements)
                      if isinstance(grad, dtensor) and grad.placements != param.placements else grad
                      for param, grad in zip(params, grads)]

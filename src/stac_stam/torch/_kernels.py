@@ -24,6 +24,7 @@ round every float32 operation once, in the same order. A DTensor is only ever to
 tensor, never through a raw pointer of the subclass.
 """
 
+import itertools
 import operator
 import sys
 
@@ -66,7 +67,7 @@ class GroupTensors:
         self.numels = [param.numel() for param in params]
         self.shard_meshes = None
         dtensor = dtensor_type()
-        if dtensor is not None and any(isinstance(param, dtensor) for param in params):
+        if dtensor is not None and any(map(isinstance, params, itertools.repeat(dtensor))):
             self.shard_meshes = [(param.device_mesh, tuple(dim for dim, placement in enumerate(param.placements)
                                                            if placement.is_shard()))
                                  if isinstance(param, dtensor) else None for param in params]
@@ -123,8 +124,7 @@ class Read:
 
     def means(self):
         """Each tensor's two means (float64 vectors), a zero-size tensor's 0."""
-        numels = torch.tensor([max(numel, 1) for numel in self.group.numels], dtype=self.sums.dtype,
-                              device=self.sums.device)
+        numels = torch.tensor(self.group.numels, dtype=self.sums.dtype, device=self.sums.device).clamp_(min=1)
         means = self.sums / numels[:, None]
         return means[:, 0], means[:, 1]
 
