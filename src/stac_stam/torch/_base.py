@@ -238,7 +238,7 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
             grads = list(map(_GRAD, params))
         # Compared list against list (at C speed); a mismatch is then found and named. Plain tensors and
         # Parameters are all of one kind, without a call of _kind each.
-        checks = [_SHAPE, _DTYPE, _DEVICE]
+        checks = [_SHAPE_DTYPE_DEVICE]
         if not set(map(type, grads)) | set(map(type, params)) <= _PLAIN:
             checks.append(_kind)
         if not set(map(_LAYOUT, grads)) <= {torch.strided} or any(
@@ -461,7 +461,8 @@ def _gradient_problem(param, grad):
     return None
 
 
-_GRAD, _LAYOUT, _SHAPE, _DTYPE, _DEVICE = map(operator.attrgetter, ("grad", "layout", "shape", "dtype", "device"))
+_GRAD, _LAYOUT = operator.attrgetter("grad"), operator.attrgetter("layout")
+_SHAPE_DTYPE_DEVICE = operator.attrgetter("shape", "dtype", "device")
 _PLAIN = {torch.Tensor, torch.nn.Parameter}
 
 
