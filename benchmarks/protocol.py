@@ -2,8 +2,10 @@
 
 Tuning: a learning-rate sweep over the optimizer's grid of 3 rates on seed 0,
 scored by final validation loss and extended by one rung of the ladder 1e-5,
-3e-5, 1e-4, ..., 0.3, 1 past an edge that wins (at most twice), so the best
-rate is never the grid's limit; then the task's seeds at the best rate. Within
+3e-5, 1e-4, ..., 0.3, 1 past an edge that wins or comes within 1% of the
+winner (at most twice), so the best rate is never the grid's limit and a flat
+top, where one seed cannot tell two rates apart, is searched past; then the
+task's seeds at the best rate. Within
 a seed every optimizer sees the same initialization, data order and batch
 schedule. The learning rate warms up linearly over the first 5% of the steps,
 then decays to zero along a cosine.
@@ -23,6 +25,7 @@ import math
 
 LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 MAX_EXTENSIONS = 2
+PLATEAU = 0.01  # an edge within this fraction of the winner's loss is extended past, as a winning edge is
 WARMUP_FRACTION = 0.05
 TIE_SE = 2.0  # a gap within this many standard errors is a tie
 DISCRIMINATION_SE = 5.0  # a task discriminates when its best and worst optimizers differ by more than this
@@ -53,14 +56,17 @@ def tune(grid, seeds, known_lr=None):
         return None, sweep, []
     for _ in range(MAX_EXTENSIONS):
         best = min(grid, key=lambda lr: _score(sweep[lr]))
-        rung = LR_LADDER.index(best)
-        if best == grid[0] and rung > 0:
-            lr = LR_LADDER[rung - 1]
-        elif best == grid[-1] and rung + 1 < len(LR_LADDER):
-            lr = LR_LADDER[rung + 1]
-        else:
+        top = _score(sweep[best])
+
+        def on_top(lr):
+            return lr == best or (math.isfinite(_score(sweep[lr])) and _score(sweep[lr]) <= top * (1 + PLATEAU))
+
+        low, high = LR_LADDER.index(grid[0]), LR_LADDER.index(grid[-1])
+        beyond = ([LR_LADDER[low - 1]] if on_top(grid[0]) and low > 0 else []) + \
+                 ([LR_LADDER[high + 1]] if on_top(grid[-1]) and high + 1 < len(LR_LADDER) else [])
+        if not beyond:
             break
-        sweep[lr] = (yield [(lr, 0)])[0]
+        sweep.update(zip(beyond, (yield [(lr, 0) for lr in beyond])))
         grid = sorted(sweep)
     best = min(grid, key=lambda lr: _score(sweep[lr]))
     others = (yield [(best, seed) for seed in range(1, seeds)]) if seeds > 1 else []

@@ -1,4 +1,4 @@
-"""The benchmark's protocol: the sweep extends a winning edge along the ladder, then seeds run there; and the
+"""The benchmark's protocol: the sweep extends a winning (or nearly winning) edge along the ladder, then seeds run there; and the
 statistics the report draws (standard errors, ties, the discrimination check)."""
 
 import math
@@ -33,6 +33,18 @@ def test_extension_stops_after_two_rungs_and_an_inner_best_extends_nothing():
     calls.clear()
     assert run_serially(tune((3e-4, 1e-3, 3e-3), seeds=1), fake_training(1e-3, calls))[0] == 1e-3
     assert len(calls) == 3
+
+
+def test_an_edge_within_one_percent_of_the_winner_is_searched_past():
+    # A flat top on seed 0 (3e-3 and 1e-2 within 0.4%) hid a better rate beyond it; a clear loser is not extended.
+    losses = {1e-3: 1.0, 3e-3: 0.5, 1e-2: 0.502, 3e-2: 0.3, 1e-1: 2.0}
+    calls = []
+    train_one = lambda lr, seed: calls.append(lr) or {"val_loss": losses[lr]}  # noqa: E731
+    best, sweep, _ = run_serially(tune((1e-3, 3e-3, 1e-2), seeds=1), train_one)
+    assert best == 3e-2 and sorted(sweep) == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1] and len(calls) == 5
+    losses[1e-2] = 0.51  # 2% behind the winner: the sweep stops at its grid
+    calls.clear()
+    assert run_serially(tune((1e-3, 3e-3, 1e-2), seeds=1), train_one)[0] == 3e-3 and len(calls) == 3
 
 
 def test_a_known_rate_runs_only_the_seeds_and_a_sweep_that_always_fails_runs_no_seeds():

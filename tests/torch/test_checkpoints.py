@@ -20,6 +20,7 @@ from stac_stam.torch import STAC, STAM, STAMLite
 OPTIMIZERS = {
     "stac": lambda model, **kw: STAC(model, lr=1e-2, **kw),
     "stac_recommended": lambda model, **kw: STAC.recommended(model, lr=1e-2, amsgrad=True, **kw),
+    "stac_compact": lambda model, **kw: STAC.compact(model, lr=1e-2, **kw),
     "stam": lambda model, **kw: STAM(model.parameters(), lr=1e-2, **kw),
     "stam_lite_bf16_state": lambda model, **kw: STAMLite(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16,
                                                          **kw),
@@ -153,6 +154,60 @@ def test_a_refused_checkpoint_changes_nothing(name, case):
     _, source = trained(name, seed=1, steps=5)
     checkpoint = copy.deepcopy(source.state_dict())
     edit(checkpoint, name)
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(checkpoint)
+    assert_same(before, snapshot(optimizer))
+
+
+def set_code(value):
+    def edit(tensor):
+        tensor = tensor.clone()
+        tensor.view(-1)[0] = value
+        return tensor
+    return edit
+
+
+# STAC.compact's trunk state (the int8 momentum codes, their row scales, the factored statistics) refused at load:
+# (key of the state of '2.weight', the trunk's last weight, of shape (8, 8); its edit or None to drop it; message).
+BAD_COMPACT_STATES = {
+    "row scales of another shape": ("momentum_scale", lambda t: t[:-1].clone(),
+                                    r"'momentum_scale' of parameter '2.weight' has shape \(7,\); for the parameter of "
+                                    r"shape \(8, 8\) it must have shape \(8,\)"),
+    "negative row scales": ("momentum_scale", torch.neg, r"'momentum_scale' of parameter '2.weight' must lie in "
+                                                         r"\[0.0, inf\]"),
+    "codes as float32": ("momentum_buffer", lambda t: t.float(), r"'momentum_buffer' of parameter '2.weight' must be "
+                                                                 r"an int8 tensor, got a torch.float32 tensor"),
+    "codes as int16": ("momentum_buffer", lambda t: t.short(), r"must be an int8 tensor, got a torch.int16 tensor"),
+    "codes of another shape": ("momentum_buffer", lambda t: t.view(-1).clone(),
+                               r"'momentum_buffer' of parameter '2.weight' has shape \(64,\), the parameter has "
+                               r"\(8, 8\)"),
+    "a code of -128": ("momentum_buffer", set_code(-128), r"'momentum_buffer' of parameter '2.weight' must lie in "
+                                                          r"\[-127, 127\]"),
+    "column statistics of another shape": ("exp_avg_sq_col", lambda t: t[:4].clone(),
+                                           r"'exp_avg_sq_col' .* has shape \(4,\); .* it must have shape \(8,\)"),
+    "negative column statistics": ("exp_avg_sq_col", torch.neg, r"'exp_avg_sq_col' of parameter '2.weight' must lie in "
+                                                               r"\[0.0, inf\]"),
+    "a NaN row statistic": ("exp_avg_sq_row", with_nan, r"'exp_avg_sq_row' of parameter '2.weight' holds NaN or Inf"),
+    "row statistics missing": ("exp_avg_sq_row", None,
+                               r"checkpoint state of parameter '2.weight' holds \['exp_avg_sq_col', 'momentum_buffer', "
+                               r"'momentum_scale', 'step'\]; with its param group's settings STAC keeps "
+                               r"\['exp_avg_sq_col', 'exp_avg_sq_row', 'momentum_buffer', 'momentum_scale', 'step'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMPACT_STATES))
+def test_a_refused_compact_checkpoint_changes_nothing(case):
+    key, edit, message = BAD_COMPACT_STATES[case]
+    _, optimizer = trained("stac_compact")
+    _, source = trained("stac_compact", seed=1, steps=5)
+    checkpoint = copy.deepcopy(source.state_dict())
+    assert checkpoint["param_groups"][0]["param_names"][2] == "2.weight"
+    entry = checkpoint["state"][2]
+    if edit is None:
+        del entry[key]
+    else:
+        entry[key] = edit(entry[key])
     before = snapshot(optimizer)
     with pytest.raises(ValueError, match=message):
         optimizer.load_state_dict(checkpoint)

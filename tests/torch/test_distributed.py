@@ -1,6 +1,7 @@
 """Two real processes (torch.multiprocessing, gloo on 127.0.0.1, OMP_NUM_THREADS=1): under FSDP2 and DDP every
 optimizer gives the numbers one process gives on the full batch, and a NaN in one process's shard skips the
-step in both. One spawn runs every check, to keep the suite fast."""
+step in both; a sharded STAC.compact resumes from torch.distributed.checkpoint bit for bit. One spawn runs
+every check, to keep the suite fast."""
 
 import os
 import socket
@@ -17,6 +18,10 @@ from stac_stam.torch import STAC, STAM, STAMLite
 OPTIMIZERS = {
     "STAC": lambda model: STAC(model, lr=1e-2),
     "STAC.recommended": lambda model: STAC.recommended(model, lr=1e-2),
+    "STAC.compact": lambda model: STAC.compact(model, lr=1e-2),  # factored trunk, int8 momentum
+    "STAC factored, bf16 momentum": lambda model: STAC(model, lr=1e-2, sign_step_scale="factored",
+                                                       sign_state_dtype=torch.bfloat16),
+    "STAC factored, no momentum": lambda model: STAC(model, lr=1e-2, sign_step_scale="factored", sign_momentum=0.0),
     "STAM": lambda model: STAM(model.parameters(), lr=1e-2),
     "STAMLite": lambda model: STAMLite(model.parameters(), lr=1e-2),
 }
@@ -26,8 +31,10 @@ WORLD = 2
 
 def make_model():
     torch.manual_seed(0)
-    # Odd sizes: FSDP2 shards dim 0 unevenly (the 9 rows of a weight as 5 and 4, the 3 of a bias as 2 and 1).
-    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3))
+    # Odd sizes: FSDP2 shards dim 0 unevenly (the 9 rows of a weight as 5 and 4, the 3 of a bias as 2 and 1), and
+    # the one row of the second layer's weight and bias as 1 and none.
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 1), nn.Tanh(), nn.Linear(1, 7), nn.Tanh(),
+                          nn.Linear(7, 3))
     return model
 
 
@@ -58,13 +65,7 @@ def local_batch(rank):
 
 
 def check_fsdp2(rank, name):
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    model = sharded_model()
     optimizer = OPTIMIZERS[name](model)
     inputs, targets = local_batch(rank)
     for _ in range(STEPS):
@@ -85,6 +86,72 @@ def check_fsdp2(rank, name):
     assert all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before)), (name, rank)
 
 
+def sharded_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def check_fsdp2_resume(rank, checkpoint_dir):
+    # STAC.compact's row statistics and int8 row scales are DTensors sharded as their parameters' rows (uneven,
+    # one shard empty), its column statistics replicated: a checkpoint saved after two steps and loaded into a
+    # fresh optimizer gives the third step bit for bit.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    inputs, targets = local_batch(rank)
+    models, optimizers = [], []
+    for _ in range(2):
+        models.append(sharded_model())
+        optimizers.append(OPTIMIZERS["STAC.compact"](models[-1]))
+    (model, twin), (optimizer, resumed) = models, optimizers
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_of(model, inputs, targets).backward()
+        optimizer.step()
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=checkpoint_dir)
+    loaded = {"model": get_model_state_dict(twin), "optimizer": get_optimizer_state_dict(twin, resumed)}
+    dcp.load(loaded, checkpoint_id=checkpoint_dir)
+    set_model_state_dict(twin, loaded["model"])
+    set_optimizer_state_dict(twin, resumed, loaded["optimizer"])
+    state = resumed.state[twin[2].weight]
+    assert [type(state[key]).__name__ for key in ("exp_avg_sq_row", "momentum_scale", "momentum_buffer")] == \
+        ["DTensor"] * 3
+    assert state["exp_avg_sq_row"].to_local().numel() == (1 if rank == 0 else 0)
+    for each_model, each_optimizer in zip(models, optimizers):
+        each_optimizer.zero_grad()
+        loss_of(each_model, inputs, targets).backward()
+        each_optimizer.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.to_local(), q.to_local()), rank
+        for key, value in optimizer.state[p].items():
+            other = resumed.state[q][key]
+            assert torch.equal(*(v.to_local() if hasattr(v, "to_local") else v for v in (value, other))), (key, rank)
+
+
+def check_factored_refuses_a_trunk_sharded_over_another_dim(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(1)]))
+    try:
+        STAC.compact(model)
+    except ValueError as error:
+        assert "a sharded trunk parameter must be sharded over dim 0 only (Shard(0), as fully_shard does) or " \
+               "replicated; '0.weight' has placements (Shard(dim=1),)" in str(error), error
+    else:
+        raise AssertionError("STAC.compact took a trunk weight sharded over dim 1")
+
+
 def check_ddp(rank, name):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -99,7 +166,7 @@ def check_ddp(rank, name):
         torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-6, msg=f"DDP {name}")
 
 
-def worker(rank, port, errors):
+def worker(rank, port, checkpoint_dir, errors):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -109,6 +176,12 @@ def worker(rank, port, errors):
                     check(rank, name)
                 except Exception:  # noqa: BLE001 -- every failure is reported, the other checks still run
                     errors.put(f"rank {rank}, {check.__name__}, {name}:\n{traceback.format_exc()}")
+        for check, args in ((check_fsdp2_resume, (checkpoint_dir,)),
+                            (check_factored_refuses_a_trunk_sharded_over_another_dim, ())):
+            try:
+                check(rank, *args)
+            except Exception:  # noqa: BLE001
+                errors.put(f"rank {rank}, {check.__name__}:\n{traceback.format_exc()}")
     finally:
         dist.destroy_process_group()
 
@@ -120,11 +193,11 @@ def free_port():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_fsdp2_and_ddp_give_the_numbers_of_one_process_and_skip_a_nan_on_one_rank_on_both(monkeypatch):
+def test_fsdp2_and_ddp_give_the_numbers_of_one_process_and_skip_a_nan_on_one_rank_on_both(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
-    mp.start_processes(worker, args=(free_port(), errors), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(worker, args=(free_port(), str(tmp_path), errors), nprocs=WORLD, join=True, start_method="spawn")
     failures = []
     while not errors.empty():
         failures.append(errors.get())

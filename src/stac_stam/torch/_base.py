@@ -20,7 +20,10 @@ STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # across the three optimizers: (low, high), None for no bound.
 STATE_BOUNDS = {"step": (0.0, None), "exp_avg_sq": (0.0, None), "max_exp_avg_sq": (0.0, None),
                 "variance": (0.0, None), "scale": (0.0, None), "grad_sq_mean": (0.0, None), "beta1": (0.0, 1.0),
-                "beta1_product": (0.0, 1.0)}
+                "beta1_product": (0.0, 1.0), "exp_avg_sq_row": (0.0, None), "exp_avg_sq_col": (0.0, None),
+                "momentum_scale": (0.0, None)}
+# STAC's int8 momentum codes, as its encoding writes them.
+INT8_CODE_BOUNDS = (-127, 127)
 # Averages of squared gradients, which hold +Inf where a square passed the dtype's range (as torch's AdamW stores
 # it: that coordinate then stops moving); every other state value is finite.
 MAY_HOLD_INF = {"exp_avg_sq", "max_exp_avg_sq", "grad_sq_mean"}
@@ -403,9 +406,9 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
 
     def _loaded_state(self, saved, param, group, label):
         """The state of ``param`` built from the checkpoint's entry ``saved``: the entries ``_initial_state``
-        makes, each checked (a floating tensor of the right shape, finite but for ``MAY_HOLD_INF``, within
-        ``STATE_BOUNDS``) and copied in (a ``step`` given as a plain number, torch's older form, is read as a 0-d
-        tensor)."""
+        makes, each checked (a floating tensor, or for STAC's int8 codes an int8 one within ``INT8_CODE_BOUNDS``, of
+        the right shape, finite but for ``MAY_HOLD_INF``, within ``STATE_BOUNDS``) and copied in (a ``step`` given
+        as a plain number, torch's older form, is read as a 0-d tensor)."""
         if not isinstance(saved, Mapping):
             raise ValueError(f"checkpoint state of parameter {label} must be a dict, got {type(saved).__name__}")
         if not saved:
@@ -418,17 +421,22 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
             value = saved[key]
             if key == "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 value = torch.tensor(float(value))
-            if not torch.is_tensor(value) or (value.dtype not in STATE_DTYPES and value.dtype != target.dtype):
+            codes = target.dtype == torch.int8  # STAC's int8 momentum codes: int8 only, as a float would truncate
+            if not torch.is_tensor(value) or (value.dtype != target.dtype
+                                              and (codes or value.dtype not in STATE_DTYPES)):
                 form = f"a {value.dtype} tensor" if torch.is_tensor(value) else repr(value)
-                kind = "an int8" if target.dtype == torch.int8 else "a floating"  # STAC's int8 momentum codes
-                raise ValueError(f"checkpoint state {key!r} of parameter {label} must be {kind} tensor, got {form}")
+                raise ValueError(f"checkpoint state {key!r} of parameter {label} must be "
+                                 f"{'an int8' if codes else 'a floating'} tensor, got {form}")
             if value.shape != target.shape:
-                raise ValueError(f"checkpoint state {key!r} of parameter {label} has shape "
-                                 f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
+                expected = (f", the parameter has {tuple(param.shape)}" if target.shape == param.shape else
+                            f"; for the parameter of shape {tuple(param.shape)} it must have shape "
+                            f"{tuple(target.shape)}")
+                raise ValueError(f"checkpoint state {key!r} of parameter {label} has shape {tuple(value.shape)}"
+                                 f"{expected}")
             least, most, nan = value_range(value)
             if nan or least == -math.inf or (most == math.inf and key not in MAY_HOLD_INF):
                 raise ValueError(f"checkpoint state {key!r} of parameter {label} holds NaN or Inf")
-            low, high = STATE_BOUNDS.get(key, (None, None))
+            low, high = INT8_CODE_BOUNDS if codes else STATE_BOUNDS.get(key, (None, None))
             if (low is not None and least < low) or (high is not None and most > high):
                 raise ValueError(f"checkpoint state {key!r} of parameter {label} must lie in "
                                  f"[{low}, {'inf' if high is None else high}], holds values in [{least}, {most}]")

@@ -56,14 +56,15 @@ class GroupTensors:
 
     ``lists`` maps names to lists of tensors, one per parameter, the first
     list the parameters: their gradients and their state tensors of the
-    parameter's shape. A DTensor enters as its local shard; ``numels`` are
-    the whole tensors' sizes and ``shard_meshes[i]`` the mesh and the mesh
-    dimensions parameter i is sharded over (None for a plain tensor).
+    parameter's shape. A DTensor enters as its local shard; ``shapes`` and
+    ``numels`` are the whole tensors' and ``shard_meshes[i]`` the mesh and
+    the mesh dimensions parameter i is sharded over (None for a plain tensor).
     ``bf16_lists`` names the lists the C kernels also take in bfloat16.
     """
 
     def __init__(self, fused, lists, bf16_lists=()):
         params = next(iter(lists.values()))
+        self.shapes = [tuple(param.shape) for param in params]
         self.numels = [param.numel() for param in params]
         self.shard_meshes = None
         dtensor = dtensor_type()
@@ -165,6 +166,20 @@ def all_finite(reads):
     over all of them, with one ``all_reduce`` per mesh dimension for the whole step. One host sync."""
     flag = reads[0].nonfinite if len(reads) == 1 else torch.stack(
         [read.nonfinite.to(reads[0].nonfinite.device) for read in reads]).sum()
+    return not bool(_sum_over_shards(reads, flag))
+
+
+def sum_over_shards(group, sums):
+    """Add ``sums`` (a list of float64 vectors of any length, one per tensor of ``group``) of DTensor parameters
+    over the processes holding the tensors' other shards, in place, as ``all_finite`` adds a read's: for sums
+    an update takes of values it computes, one ``all_reduce`` per mesh dimension for the group. Plain tensors'
+    sums stay as they are."""
+    _sum_over_shards([Read(group, sums, None)], torch.zeros((), dtype=torch.float64))
+
+
+def _sum_over_shards(reads, flag):
+    """``flag`` added over every mesh the reads' DTensor parameters live on, and the reads' sums of those
+    parameters over their shards (in place)."""
     meshes = {}  # mesh -> [(read, row, shard dims)], in the order every process builds it
     for read in reads:
         for row, entry in enumerate(read.group.shard_meshes or ()):
@@ -172,25 +187,27 @@ def all_finite(reads):
                 meshes.setdefault(entry[0], []).append((read, row, entry[1]))
     for mesh, rows in meshes.items():
         flag = _reduce_over_mesh(mesh, rows, flag)
-    return not bool(flag)
+    return flag
 
 
 def _reduce_over_mesh(mesh, rows, flag):
     import torch.distributed as dist
 
     device = torch.device(mesh.device_type)
-    with_sums = [(read, row, dims) for read, row, dims in rows if read.sums is not None]
+    with_sums = [(read, row, dims, len(read.sums[row])) for read, row, dims in rows if read.sums is not None]
     packed = torch.cat([flag.to(device=device, dtype=torch.float64).view(1)]
-                       + [read.sums[row].to(device=device, dtype=torch.float64) for read, row, _ in with_sums])
+                       + [read.sums[row].to(device=device, dtype=torch.float64) for read, row, _, _ in with_sums])
     for dim in range(mesh.ndim):
         # A row replicated over this dimension is taken from its first coordinate only; the flag from all.
         if mesh.get_local_rank(dim) != 0:
-            keep = torch.tensor([1.0] + [float(d) for _, _, dims in with_sums for d in (dim in dims, dim in dims)],
+            keep = torch.tensor([1.0] + [float(dim in dims) for _, _, dims, size in with_sums for _ in range(size)],
                                 dtype=torch.float64, device=device)
             packed.mul_(keep)
         dist.all_reduce(packed, group=mesh.get_group(dim))
-    for index, (read, row, _) in enumerate(with_sums):
-        read.sums[row] = packed[1 + 2 * index:3 + 2 * index].to(read.sums.device)
+    start = 1
+    for read, row, _, size in with_sums:
+        read.sums[row] = packed[start:start + size].to(read.sums[row].device)
+        start += size
     return packed[0]
 
 

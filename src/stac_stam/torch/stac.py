@@ -13,8 +13,8 @@ from stac_stam.torch._base import (SkipNonfiniteOptimizer, check_flag, check_nam
                                    require_keys, resolve_state_dtype)
 from stac_stam.torch._cpu_kernels import statistics_table
 from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, dtensor_type, largest_finite,
-                                      one_minus_power, read_finite, read_sums, saturate_, traced_number, update,
-                                      wide_dtype, widened, write_back)
+                                      one_minus_power, read_finite, read_sums, saturate_, sum_over_shards,
+                                      traced_number, update, wide_dtype, widened, write_back)
 
 # Seed 000's argument names and the current names they stand for.
 ALIASES = {
@@ -51,8 +51,8 @@ def _momentum_direction(g, m, *, sign_momentum, grad_weight, interpolation, inte
 
 def _decoded(codes, scales, dtype):
     """int8 momentum codes times their rows' scales (``factored_shape``'s rows), in ``dtype``."""
-    return [code.to(dtype).reshape(len(scale), -1).mul_(scale.to(dtype)[:, None]).reshape(code.shape)
-            for code, scale in zip(codes, scales)]
+    return [code.to(dtype).reshape(len(scale), factored_shape(tuple(code.shape))[1]).mul_(scale.to(dtype)[:, None])
+            .reshape(code.shape) for code, scale in zip(codes, scales)]
 
 
 def _encode(values, codes, scales):
@@ -68,28 +68,54 @@ def _encode(values, codes, scales):
                    .clamp_(-127, 127).reshape(code.shape))
 
 
-def _factored_step(params, grads, rows, columns, steps, momenta=None, momentum_scales=None, *, lr, decay, b2, eps,
-                   grad_sign, **momentum):
-    """The trunk's update with ``sign_step_scale="factored"`` over lists (see ``sign_update``): the factored
-    statistics and the clipped normalized step u tensor by tensor (the statistics in float64: a float32 g^2 may
-    overflow; stored saturated at their dtype's largest value), the rest over the lists."""
-    dtype, wide = compute_dtype(params[0]), wide_dtype(params[0].device)
-    p, g = widened(params, dtype), widened(grads, dtype)
-    torch._foreach_add_(steps, 1.0)
-    normalized = []
-    for grad, row, column, step in zip(g, rows, columns, steps):
-        n_rows, n_columns = factored_shape(tuple(grad.shape))
-        square = grad.to(wide).square().reshape(n_rows, n_columns)
-        for stored, mean in ((row, square.sum(1) / max(n_columns, 1)), (column, square.sum(0) / max(n_rows, 1))):
-            stored.copy_((b2 * stored.to(wide) + (1 - b2) * mean).clamp_(max=largest_finite(stored.dtype)))
-        row_mean = row.to(wide).mean().clamp(min=torch.finfo(wide).tiny)
+def _store_saturated(stored, value):
+    stored.copy_(value.clamp_(max=largest_finite(stored.dtype)))
+
+
+def _factored_update(tensors, *, b2, eps, **numbers):
+    """The trunk's update with ``sign_step_scale="factored"`` (see ``sign_update``): the factored statistics and
+    the clipped normalized step u tensor by tensor (the statistics in float64: a float32 g^2 may overflow;
+    stored saturated at their dtype's largest value), then ``_factored_apply`` over the lists.
+
+    Under FSDP2 a process holds whole rows of each tensor's matrix (its shard of dim 0, maybe none), so R and
+    the int8 row scales are local; C's sums, mean(R)'s and rms(u)'s are added over the shards, one
+    ``sum_over_shards`` of the group for the statistics and one for rms(u)."""
+    lists = tensors.lists
+    wide = wide_dtype(lists["params"][0].device)
+    rows_and_columns = [factored_shape(shape) for shape in tensors.shapes]  # the whole tensors'
+    statistics = []  # per tensor: the column sums of g^2, then the sum of the new R
+    for grad, row, step, (_, n_columns) in zip(lists["grads"], lists["rows"], lists["steps"], rows_and_columns):
+        step.add_(1)
+        square = grad.to(wide).square().reshape(len(row), n_columns)
+        _store_saturated(row, b2 * row.to(wide) + (1 - b2) * square.sum(1) / max(n_columns, 1))
+        statistics.append(torch.cat([square.sum(0), row.to(wide).sum().view(1)]))
+    sum_over_shards(tensors, statistics)
+    normalized, squares = [], []
+    for grad, row, column, step, (n_rows, _), sums in zip(lists["grads"], lists["rows"], lists["columns"],
+                                                          lists["steps"], rows_and_columns, statistics):
+        dtype = compute_dtype(grad)
+        _store_saturated(column, b2 * column.to(wide) + (1 - b2) * sums[:-1] / max(n_rows, 1))
+        row_mean = (sums[-1] / max(n_rows, 1)).clamp(min=torch.finfo(wide).tiny)
         row_rms = (row.to(wide) / (row_mean * one_minus_power(b2, step.to(wide)))).sqrt().to(dtype)
-        u = grad / torch.outer(row_rms, column.to(wide).sqrt().to(dtype)).add_(eps).reshape(grad.shape)
-        rms = (u.to(wide).square().sum() / max(u.numel(), 1)).sqrt()
-        normalized.append(u.div_(rms.clamp(min=1.0).to(dtype)))  # a step of RMS over 1 clipped to 1 (Adafactor)
+        u = grad.to(dtype) / torch.outer(row_rms, column.to(wide).sqrt().to(dtype)).add_(eps).reshape(grad.shape)
+        normalized.append(u)
+        squares.append(u.to(wide).square().sum().view(1))
+    sum_over_shards(tensors, squares)
+    for u, square, numel in zip(normalized, squares, tensors.numels):
+        u.div_((square[0] / max(numel, 1)).sqrt().clamp(min=1.0).to(u.dtype))  # an RMS over 1 clipped to 1
+    lists["normalized"] = normalized
+    names = ["params", "normalized"] + [name for name in ("momenta", "momentum_scales") if name in lists]
+    update(tensors, None, _factored_apply, names, numbers=numbers)
+
+
+def _factored_apply(params, normalized, momenta=None, momentum_scales=None, *, lr, decay, grad_sign, **momentum):
+    """The factored trunk's step from its clipped normalized steps u, over lists: ``p <- p decay - lr u``, or
+    the momentum of u (grad_sign in its weights), from and back to int8 codes with their row scales."""
+    dtype = compute_dtype(params[0])
+    p = widened(params, dtype)
     if momenta is None:
         direction, lr = normalized, grad_sign * lr
-    else:  # the momentum of u (grad_sign in its weights), from and back to int8 codes with their row scales
+    else:
         m = widened(momenta, dtype) if momentum_scales is None else _decoded(momenta, momentum_scales, dtype)
         direction = _momentum_direction(normalized, m, **momentum)
         if momentum_scales is None:
@@ -174,7 +200,10 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
     kept in (rows + columns) numbers per tensor: the state ``exp_avg_sq_row``,
     ``exp_avg_sq_col`` (float32 at least, saturated at their largest value)
     and ``step``; the momentum is Adafactor's, of the normalized step. It runs
-    on the torch path (no C kernel).
+    on the torch path (no C kernel). Under FSDP2 (``fully_shard``: dim 0
+    sharded) a process holds whole rows, so R and the int8 row scales are its
+    own (DTensors placed as their parameters); C's sums, mean(R) and rms(u)
+    are added over the shards (two ``all_reduce`` calls per group and step).
 
     With alpha = beta (the seeds' rule) d is the new m; alpha < beta is Lion's
     update (Chen et al., 2023), which weights the fresh gradient more. The
@@ -201,10 +230,7 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
         interpolation_grad_weight=grad_sign * (1.0 - sign_interpolation),
         bound=largest_finite(_momentum_compute_dtype(tensors)))
     if sign_step_scale == "factored":
-        names = ["params", "grads", "rows", "columns", "steps"] + [name for name in ("momenta", "momentum_scales")
-                                                                   if name in tensors.lists]
-        update(tensors, None, _factored_step, names,
-               numbers=dict(lr=lr, decay=decay, b2=snr_b2, eps=snr_eps, grad_sign=grad_sign, **momentum))
+        _factored_update(tensors, b2=snr_b2, eps=snr_eps, lr=lr, decay=decay, grad_sign=grad_sign, **momentum)
         return
     if not momentum:  # sign_momentum == 0; sign(-g) = -sign(g): maximizing flips the step
         update(tensors, "plain_sign_step", _sign_step, ["params", "grads"],
@@ -233,6 +259,35 @@ def _resolve_alias(given, current_name, current_value):
                 f"and {current_name}={current_value!r}: give one of them")
         return alias_value
     return current_value
+
+
+def _check_whole_rows(partition):
+    """Refuse trunk DTensors whose processes would not hold whole rows of their ``factored_shape`` matrix: the
+    factored trunk takes them sharded over dim 0 (``Shard(0)``, as FSDP2's ``fully_shard``) or replicated."""
+    dtensor = dtensor_type()
+    if dtensor is None:
+        return
+    from torch.distributed.tensor import Shard
+
+    for name, param in zip(partition.sign_parameter_names, partition.sign_parameters):
+        if isinstance(param, dtensor) and not all(placement.is_replicate() or (type(placement) is Shard
+                                                                               and placement.dim == 0)
+                                                  for placement in param.placements):
+            raise ValueError(f"sign_step_scale='factored' keeps a row statistic per row of dim 0, so a sharded trunk "
+                             f"parameter must be sharded over dim 0 only (Shard(0), as fully_shard does) or "
+                             f"replicated; {name!r} has placements {tuple(param.placements)}")
+
+
+def _per_row(param, dtype):
+    """Zeros, one per row of ``param``'s ``factored_shape`` matrix; for a DTensor, a DTensor placed as it is (a
+    process's shard of dim 0 is its rows)."""
+    rows = factored_shape(tuple(param.shape))[0]
+    dtensor = dtensor_type()
+    if dtensor is not None and isinstance(param, dtensor):
+        from torch.distributed.tensor import zeros
+
+        return zeros(rows, dtype=dtype, device_mesh=param.device_mesh, placements=param.placements)
+    return torch.zeros(rows, dtype=dtype, device=param.device)
 
 
 # Each role's param group entries besides ``params``.
@@ -555,11 +610,8 @@ class STAC(SkipNonfiniteOptimizer):
             partition, sign_state_bytes_per_element=momentum_bytes,
             factored_second_moment=sign_step_scale == "factored",
             row_scaled_momentum=sign_state_dtype == torch.int8 and sign_momentum != 0.0)
-        dtensor = dtensor_type()
-        if sign_step_scale == "factored" and dtensor is not None and any(
-                isinstance(param, dtensor) for param in partition.sign_parameters):
-            raise ValueError("sign_step_scale='factored' keeps row and column statistics of whole tensors; it does "
-                             "not take sharded (DTensor, FSDP2) parameters yet: use sign_step_scale='snr' there")
+        if sign_step_scale == "factored":
+            _check_whole_rows(partition)
         self.sign_state_dtype = sign_state_dtype
         # The defaults every group holds: OneCycleLR and CyclicLR look for betas in them.
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
@@ -609,7 +661,8 @@ class STAC(SkipNonfiniteOptimizer):
         the norms, where Zhao et al. (ICLR 2025) find adaptivity matters most.
         State: about 1 byte per trunk parameter (12.5% of AdamW's 8) plus the
         cap's 8; both roles step at ``lr``. The evidence, per task and seed, is
-        in ``docs/benchmark/README.md``. Not for sharded (FSDP2) trunks yet.
+        in ``docs/benchmark/README.md``. Under FSDP2 it gives the numbers of
+        one process (see ``sign_update``).
 
         Example::
 
@@ -640,18 +693,16 @@ class STAC(SkipNonfiniteOptimizer):
         state = {}
         if group["sign_step_scale"] == "factored":
             stat_dtype = torch.promote_types(param.dtype, torch.float32)
-            rows, columns = factored_shape(tuple(param.shape))
-            state.update(exp_avg_sq_row=torch.zeros(rows, dtype=stat_dtype, device=param.device),
-                         exp_avg_sq_col=torch.zeros(columns, dtype=stat_dtype, device=param.device),
+            state.update(exp_avg_sq_row=_per_row(param, stat_dtype),
+                         exp_avg_sq_col=torch.zeros(factored_shape(tuple(param.shape))[1], dtype=stat_dtype,
+                                                    device=param.device),
                          step=torch.zeros((), dtype=stat_dtype, device=param.device))
         if group["betas"][0] == 0.0:
             return state
         state["momentum_buffer"] = torch.zeros_like(param, dtype=self.sign_state_dtype or param.dtype,
                                                     memory_format=torch.preserve_format)
         if self.sign_state_dtype == torch.int8:  # codes, and a scale per row
-            state["momentum_scale"] = torch.zeros(factored_shape(tuple(param.shape))[0],
-                                                  dtype=torch.promote_types(param.dtype, torch.float32),
-                                                  device=param.device)
+            state["momentum_scale"] = _per_row(param, torch.promote_types(param.dtype, torch.float32))
         if group["sign_step_scale"] == "snr":
             stat_dtype = torch.promote_types(param.dtype, torch.float32)
             state.update(grad_sq_mean=torch.zeros((), dtype=stat_dtype, device=param.device),
