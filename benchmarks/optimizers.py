@@ -6,7 +6,7 @@ print its plan before torch and jax load. Weight decay is 0.01 wherever it is
 decoupled (AdamW and its 8-bit and factored peers, Lion, STAM, STAMLite), 0 for
 SGD with momentum and for optax's Adafactor (whose decay is not scaled by the
 rate); STAC's rows run at STAC's own default, 0 (stac-optimizer 0.1.5's). The ``default`` suite is what the main job compares; the ``ablation``
-suite is STAC's candidate changes, each alone and combined (issue 19): a new
+suite is STAC's candidate changes, each alone and combined: a new
 candidate is one row of ``ablation_registry``.
 """
 
@@ -68,17 +68,22 @@ def ablation_registry():
         "STAC bf16 state": stac_row(sign_state_dtype="bfloat16"),
         "STAC last 2": stac_row(last_n_layers=2),
         "STAC + SNR step, trunk lr x3": stac_row(sign_step_scale="snr", sign_lr_scale=3.0),
-        # STAC.compact's changes (issue 19), each alone and combined (all of them: the default suite's "STAC
-        # compact"); the trunk at the cap's rate in all of them.
+        # STAC.compact's changes, each alone and combined (all of them: the default suite's "STAC compact", whose
+        # trunk steps at 3x the cap's rate); the trunk at the cap's rate unless the name says otherwise.
         "STAC factored trunk": stac_row(sign_step_scale="factored", sign_momentum=0.0, sign_lr_scale=1.0),
         "STAC factored trunk + int8 momentum": stac_row(sign_step_scale="factored", sign_state_dtype="int8",
                                                         sign_lr_scale=1.0),
+        "STAC factored trunk + int8 momentum, trunk lr x3": stac_row(
+            sign_step_scale="factored", sign_state_dtype="int8", sign_lr_scale=3.0),
         "STAC + output layer, norms in cap": stac_row(adamw_output_layer=True, adamw_norm_layers=True),
         "STAC factored trunk, output layer, norms in cap": stac_row(
             sign_step_scale="factored", sign_momentum=0.0, sign_lr_scale=1.0, adamw_output_layer=True,
             adamw_norm_layers=True),
+        "STAC compact, trunk at the cap's lr": stac_row(
+            sign_step_scale="factored", sign_state_dtype="int8", sign_lr_scale=1.0, adamw_output_layer=True,
+            adamw_norm_layers=True),
         "STAC compact with bf16 momentum": stac_row(
-            sign_step_scale="factored", sign_state_dtype="bfloat16", sign_lr_scale=1.0, adamw_output_layer=True,
+            sign_step_scale="factored", sign_state_dtype="bfloat16", sign_lr_scale=3.0, adamw_output_layer=True,
             adamw_norm_layers=True),
     }
 

@@ -5,7 +5,6 @@ and through copy.deepcopy and pickle."""
 import copy
 import math
 import pickle
-import socket
 
 import pytest
 import torch
@@ -375,10 +374,8 @@ def test_distributed_checkpoint_round_trip_resumes_bit_for_bit(name, tmp_path):
 
 @pytest.fixture
 def one_rank_process_group():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # The store binds a port the system picks (a port probed free beforehand can be taken before it binds).
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", 0, 1, is_master=True), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

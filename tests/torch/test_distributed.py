@@ -4,7 +4,8 @@ step in both; a sharded STAC.compact resumes from torch.distributed.checkpoint b
 every check, to keep the suite fast."""
 
 import os
-import socket
+import pathlib
+import time
 import traceback
 
 import pytest
@@ -166,9 +167,27 @@ def check_ddp(rank, name):
         torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-6, msg=f"DDP {name}")
 
 
-def worker(rank, port, checkpoint_dir, errors):
+def rendezvous(rank, folder):
+    """The gloo group over a TCP store on 127.0.0.1: rank 0 binds the store to a port the system picks and writes
+    it to ``folder`` for the others (a port probed free beforehand can be taken before the store binds it)."""
+    port_file = pathlib.Path(folder) / "port"
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
+        port_file.with_suffix(".tmp").write_text(str(store.port))
+        port_file.with_suffix(".tmp").rename(port_file)
+    else:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert time.monotonic() < deadline, "rank 0 did not publish its store's port"
+            time.sleep(0.01)
+        store = dist.TCPStore("127.0.0.1", int(port_file.read_text()), WORLD, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+
+
+def worker(rank, folder, errors):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    rendezvous(rank, folder)
+    checkpoint_dir = os.path.join(folder, "checkpoint")
     try:
         for name in OPTIMIZERS:
             for check in (check_fsdp2, check_ddp):
@@ -186,18 +205,12 @@ def worker(rank, port, checkpoint_dir, errors):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_fsdp2_and_ddp_give_the_numbers_of_one_process_and_skip_a_nan_on_one_rank_on_both(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
-    mp.start_processes(worker, args=(free_port(), str(tmp_path), errors), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(worker, args=(str(tmp_path), errors), nprocs=WORLD, join=True, start_method="spawn")
     failures = []
     while not errors.empty():
         failures.append(errors.get())

@@ -180,9 +180,9 @@ def test_recommended_preset_is_stac_with_snr_scaled_bf16_trunk_at_three_times_th
 def test_compact_preset_is_the_factored_trunk_with_int8_momentum_and_the_output_layer_and_norms_in_the_cap():
     model, twin = mlp(), mlp()
     preset = STAC.compact(model, lr=2e-3)
-    explicit = STAC(twin, lr=2e-3, sign_lr=2e-3, sign_step_scale="factored", sign_state_dtype="int8",
+    explicit = STAC(twin, lr=2e-3, sign_lr=6e-3, sign_step_scale="factored", sign_state_dtype="int8",
                     adamw_output_layer=True, adamw_norm_layers=True)
-    assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 2e-3), ("adamw", 2e-3)]
+    assert [(g["role"], g["lr"]) for g in preset.param_groups] == [("sign", 6e-3), ("adamw", 2e-3)]
     assert_same_steps(model, preset, twin, explicit)
     state = preset.state[model[0].weight]
     assert state["momentum_buffer"].dtype == torch.int8 and state["momentum_scale"].shape == (4,)

@@ -14,7 +14,7 @@ import optax
 
 from stac_stam.jax._common import (check_flag, check_floating_dtype, check_range, gradients_finite, saturated,
                                     scalar_dtype, skip_nonfinite_steps, skip_weights)
-from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
+from stac_stam.learning_rates import COMPACT_SIGN_LR_SCALE, RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import check_last_n_layers, factored_shape, split_layers, tree_layers
 
 
@@ -433,6 +433,11 @@ def stac(learning_rate=1e-3, last_n_layers=1, *, sign_momentum=0.9, sign_step_sc
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def _scaled(scale, learning_rate):
+    """``scale`` times a rate or a schedule."""
+    return (lambda count: scale * learning_rate(count)) if callable(learning_rate) else scale * learning_rate
+
+
 def stac_recommended(learning_rate=3e-3, **overrides):
     """``stac`` at a quarter of AdamW's state, like ``STAC.recommended`` in PyTorch.
 
@@ -442,21 +447,20 @@ def stac_recommended(learning_rate=3e-3, **overrides):
     ``learning_rate`` may be a schedule.
     """
     check_range("learning_rate", learning_rate, 0.0, schedule=True)
-    scale = RECOMMENDED_SIGN_LR_SCALE
     options = dict(sign_step_scale="snr", sign_state_dtype=jnp.bfloat16,
-                   sign_learning_rate=(lambda count: scale * learning_rate(count)) if callable(learning_rate)
-                   else scale * learning_rate)
+                   sign_learning_rate=_scaled(RECOMMENDED_SIGN_LR_SCALE, learning_rate))
     options.update(overrides)
     return stac(learning_rate, **options)
 
 
 def stac_compact(learning_rate=3e-3, **overrides):
     """``stac`` under a quarter of AdamW's state, like ``STAC.compact`` in PyTorch: the factored trunk
-    (``sign_step_scale="factored"``) with an int8 momentum at the cap's rate, the output (last) layer and the
+    (``sign_step_scale="factored"``) with an int8 momentum at 3x the cap's rate, the output (last) layer and the
     normalization layers in the AdamW cap; everything else at ``stac``'s defaults, and ``overrides`` go to
     ``stac`` and win. ``learning_rate`` may be a schedule."""
     check_range("learning_rate", learning_rate, 0.0, schedule=True)
-    options = dict(sign_step_scale="factored", sign_state_dtype=jnp.int8, sign_learning_rate=learning_rate,
+    options = dict(sign_step_scale="factored", sign_state_dtype=jnp.int8,
+                   sign_learning_rate=_scaled(COMPACT_SIGN_LR_SCALE, learning_rate),
                    adamw_output_layer=True, adamw_norm_layers=True)
     options.update(overrides)
     return stac(learning_rate, **options)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch.optim.adamw import adamw as adamw_functional
 
-from stac_stam.learning_rates import RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
+from stac_stam.learning_rates import COMPACT_SIGN_LR_SCALE, RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import factored_shape, partition_trainable_layers, same_parameter_names
 from stac_stam.torch._base import (SkipNonfiniteOptimizer, check_flag, check_names, check_pair, check_range,
                                    require_keys, resolve_state_dtype)
@@ -651,8 +651,9 @@ class STAC(SkipNonfiniteOptimizer):
         r"""STAC under a quarter of AdamW's state: a factored trunk with an int8 momentum, the output layer and
         the normalization layers in the AdamW cap.
 
-        ``STAC(model, lr=lr, sign_step_scale="factored", sign_state_dtype=torch.int8, sign_lr=lr,
-        adamw_output_layer=True, adamw_norm_layers=True)``, everything else at
+        ``STAC(model, lr=lr, sign_step_scale="factored", sign_state_dtype=torch.int8,
+        sign_lr=COMPACT_SIGN_LR_SCALE * lr, adamw_output_layer=True, adamw_norm_layers=True)``
+        (the scale is 3), everything else at
         STAC's defaults (``sign_momentum=0.9``); ``overrides`` go to ``STAC``
         and win. The trunk takes Adafactor's normalized step (a factored second
         moment: a row and a column per tensor, Shazeer & Stern 2018) with the
@@ -660,7 +661,8 @@ class STAC(SkipNonfiniteOptimizer):
         float32 scale per row; the cap gets the output layer, tied or not, and
         the norms, where Zhao et al. (ICLR 2025) find adaptivity matters most.
         State: about 1 byte per trunk parameter (12.5% of AdamW's 8) plus the
-        cap's 8; both roles step at ``lr``. The evidence, per task and seed, is
+        cap's 8. The trunk steps at 3x the cap's ``lr``: the momentum of a
+        clipped normalized step wants a larger rate than AdamW does. The evidence, per task and seed, is
         in ``docs/benchmark/README.md``. Under FSDP2 it gives the numbers of
         one process (see ``sign_update``).
 
@@ -669,8 +671,8 @@ class STAC(SkipNonfiniteOptimizer):
             optimizer = STAC.compact(model, lr=3e-3)
         """
         check_range("lr", lr, 0.0, tensor=True)
-        options = dict(sign_step_scale="factored", sign_state_dtype=torch.int8, sign_lr=lr, adamw_output_layer=True,
-                       adamw_norm_layers=True)
+        options = dict(sign_step_scale="factored", sign_state_dtype=torch.int8, sign_lr=COMPACT_SIGN_LR_SCALE * lr,
+                       adamw_output_layer=True, adamw_norm_layers=True)
         options.update(overrides)
         return cls(params, lr=lr, **options)
 
