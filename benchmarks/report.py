@@ -122,9 +122,11 @@ def _ablation_section(tasks):
 
 def _speed_columns():
     """``(key, header, format)`` of the speed entries' fields; a column shows when some entry has its field."""
-    ms = lambda v: f"{v:.2f}"  # noqa: E731
-    return [("step_ms_median", "step ms", ms), ("ratio_to_yardstick", "vs yardstick", lambda v: f"{v:.2f}"),
-            ("state_bytes", "state", _bytes), ("floor_fraction", "of bandwidth floor", lambda v: f"{v:.0%}"),
+    ms = ratio = lambda v: f"{v:.2f}"  # noqa: E731
+    return [("step_ms_median", "step ms", ms), ("ratio_to_yardstick", "vs yardstick", ratio),
+            ("floor_ratio_to_yardstick", "own floor", ratio), ("ratio_to_floor", "vs own floor", ratio),
+            ("physical_floor_ratio_to_yardstick", "physical floor", ratio), ("state_bytes", "state", _bytes),
+            ("floor_fraction", "of bandwidth floor", lambda v: f"{v:.0%}"),
             ("read_floor_fraction", "of read floor", lambda v: f"{v:.0%}"), ("first_step_ms", "first step ms", ms),
             ("compile_s", "compile s", lambda v: f"{v:.2f}"), ("transient_bytes", "transient", _bytes)]
 
@@ -146,6 +148,7 @@ def _speed_section(speed):
                       + (f"; {', '.join(floors)}" if floors else ""), ""]
             entries = block["optimizers"]
             columns = [c for c in _speed_columns() if any(e.get(c[0]) is not None for e in entries.values())]
+            lines += _floor_lines(block, {key for key, _, _ in columns})
             lines += ["| optimizer | " + " | ".join(header for _, header, _ in columns) + " |",
                       "|---|" + "---:|" * len(columns)]
             for name, e in entries.items():
@@ -153,6 +156,20 @@ def _speed_section(speed):
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
     return lines + _first_step_lines(speed.get("torch_first_step")) + _fsdp2_lines(speed.get("torch_fsdp2"))
+
+
+def _floor_lines(block, shown):
+    """What a PyTorch table's floors are, when it shows them, and the non-finite check against its read floor."""
+    if "floor_ratio_to_yardstick" not in shown:
+        return []
+    physical = ("; physical floor: the same with the update at the bandwidth floor (a target below it is out of "
+                "reach on this host)" if "physical_floor_ratio_to_yardstick" in shown else "")
+    check = (f" The non-finite check alone: {block['nonfinite_check_ms']:.2f} ms, its read floor "
+             f"{block['nonfinite_read_floor_ms']:.2f} ms." if "nonfinite_check_ms" in block else "")
+    return [f"Own floor: the read the all-or-nothing policy needs before any write (the non-finite check, or the "
+            f"statistics read that makes it) at the read floor plus the update's bytes at fused AdamW's measured "
+            f"rate, as a ratio to the yardstick (a target below it is out of reach unless the update outruns fused "
+            f"AdamW's); vs own floor: the step over it{physical}.{check}", ""]
 
 
 def _first_step_lines(first_steps):

@@ -33,10 +33,13 @@ STAM step took 672 ms instead of 100 ms), which is not what users see. JAX:
 the temporary buffer XLA allocates for one step (``memory_analysis()`` of the
 compiled step).
 
-PyTorch floors, per optimizer (``floor_ms``, same run): its update's bytes at
-the rate fused AdamW's step moves its 28 bytes per parameter, plus the bytes of
-its read-only pass (the non-finite check of the all-or-nothing policy, or the
-statistics read that makes it) at the read floor. The non-finite read floor
+PyTorch floors, per optimizer, same run: the bytes of its read-only pass (the
+read of every gradient, and of what its statistics read, that the all-or-nothing
+policy needs before any write: the non-finite check, or the statistics read that
+makes it) at the read floor, plus its update's bytes read and written, at the
+bandwidth floor (``physical_floor_ms``: a step below it is out of reach on this
+host) or at the rate fused AdamW's step moves its 28 bytes per parameter
+(``floor_ms``: out of reach unless the update outruns fused AdamW's). The non-finite read floor
 (``nonfinite_read_floor_ms``) is one read of every gradient at the read floor;
 ``nonfinite_check_ms`` is the library's own check alone (the kernel layer's
 ``read_finite`` over every gradient), timed in the same rounds.
@@ -256,7 +259,7 @@ def read_probes(n_bytes):
     probes = {"torch sum": buffer.sum}
     if _cpu_kernels.available():
         flag = torch.empty((), dtype=torch.float64)
-        probes["C finite_read"] = lambda: _cpu_kernels.run("finite_read", [[buffer]], [flag])
+        probes["C finite_read"] = lambda: _cpu_kernels.run("finite_read", _cpu_kernels.arrays([[buffer]]), [flag])
     return probes
 
 
@@ -323,18 +326,21 @@ def run_torch(shapes, rounds, progress, names):
             seconds = statistics.median(times)
             moved, read, read_pass = _bytes(name, optimizer, n_params)
             floor = (moved - read_pass) * adamw_seconds_per_byte + read_pass * read_seconds_per_byte
+            physical_floor = (moved - read_pass) * floor_seconds_per_byte + read_pass * read_seconds_per_byte
             shape_results[name] = {
                 "framework": "torch", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
                 "state_bytes": state_bytes(optimizer), "bytes_moved_per_step": moved, "bytes_read_per_step": read,
                 "read_pass_bytes": read_pass, "floor_ms": 1e3 * floor, "ratio_to_floor": seconds / floor,
-                "floor_ratio_to_yardstick": floor / yardstick,
+                "floor_ratio_to_yardstick": floor / yardstick, "physical_floor_ms": 1e3 * physical_floor,
+                "ratio_to_physical_floor": seconds / physical_floor,
+                "physical_floor_ratio_to_yardstick": physical_floor / yardstick,
                 "floor_fraction": moved * floor_seconds_per_byte / seconds,
                 "read_floor_fraction": read * read_seconds_per_byte / seconds, "compile_s": None,
                 "transient_bytes": None,
             }
             if progress:
                 print(f"  torch {shape_name:5s} {name:16s} {1e3 * seconds:8.1f} ms  x{seconds / yardstick:.2f}  "
-                      f"its floor x{floor / yardstick:.2f}  "
+                      f"its floor x{floor / yardstick:.2f}, physical x{physical_floor / yardstick:.2f}  "
                       f"read floor {shape_results[name]['read_floor_fraction']:.0%}")
         nonfinite_floor = 4 * n_params * read_seconds_per_byte
         nonfinite_check_seconds = statistics.median(check_times)

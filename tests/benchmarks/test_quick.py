@@ -84,6 +84,10 @@ def test_the_speed_benchmarks_quick_section():
             assert 0 <= entry["read_pass_bytes"] <= entry["bytes_read_per_step"], (shape, name)
             assert entry["read_floor_fraction"] > 0 and entry["floor_ms"] > 0, (shape, name)
             assert entry["ratio_to_floor"] == pytest.approx(entry["step_ms_median"] / entry["floor_ms"]), (shape, name)
+            # The physical floor: the read-only pass at the read floor, the rest of the update at the bandwidth floor.
+            update_bytes = entry["bytes_moved_per_step"] - entry["read_pass_bytes"]
+            seconds = (update_bytes / block["floor_gb_per_s"] + entry["read_pass_bytes"] / block["read_floor_gb_per_s"])
+            assert entry["physical_floor_ms"] == pytest.approx(1e-6 * seconds, rel=1e-9), (shape, name)
         assert block["optimizers"]["AdamW fused"]["floor_ratio_to_yardstick"] == pytest.approx(1.0)
     for name, entry in speed["torch_first_step"].items():
         assert entry["cold_s"] > 0 and entry["warm_s"] > 0 and entry["median_step_s"] > 0, name

@@ -113,6 +113,24 @@ def test_the_readme_shows_the_first_steps_and_the_fsdp2_ratios():
     assert "| STAM | 12.00 | 0.30 | 2.0 KiB |" in text
 
 
+def test_the_readme_shows_each_optimizers_floors_and_a_report_without_the_physical_floor_still_renders():
+    result = synthetic_result()
+    block = result["speed"]["torch"]["large"]
+    block.update(nonfinite_check_ms=1.5, nonfinite_read_floor_ms=1.25)
+    block["optimizers"]["AdamW fused"].update(floor_ratio_to_yardstick=1.0, ratio_to_floor=1.0)
+    block["optimizers"]["STAC"].update(floor_ratio_to_yardstick=0.75, ratio_to_floor=1.6)
+    older = report.readme(result)  # a report.json from before the physical floor was measured
+    assert "| optimizer | step ms | vs yardstick | own floor | vs own floor | of bandwidth floor |" in older
+    assert "| STAC | 12.00 | 1.20 | 0.75 | 1.60 | - |" in older
+    assert "physical floor" not in older and "The non-finite check alone: 1.50 ms, its read floor 1.25 ms." in older
+    block["optimizers"]["AdamW fused"]["physical_floor_ratio_to_yardstick"] = 0.8
+    block["optimizers"]["STAC"]["physical_floor_ratio_to_yardstick"] = 0.5
+    text = report.readme(result)
+    assert "| own floor | vs own floor | physical floor |" in text
+    assert "| STAC | 12.00 | 1.20 | 0.75 | 1.60 | 0.50 |" in text
+    assert "physical floor: the same with the update at the bandwidth floor" in text
+
+
 def test_the_committed_benchmark_readme_is_written_from_the_committed_report():
     committed = json.loads((ROOT / "docs" / "benchmark" / "report.json").read_text())
     assert (ROOT / "docs" / "benchmark" / "README.md").read_text().strip() == report.readme(committed).strip()

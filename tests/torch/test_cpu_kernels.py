@@ -78,6 +78,21 @@ def test_each_update_is_the_torch_update_bit_for_bit(kernel, state_dtype):
     assert not all(torch.equal(a, b) for a, b in zip(c_group.lists["params"], tensors(0)))  # it did update
 
 
+def test_an_update_takes_one_number_for_every_tensor_whatever_torchs_default_dtype():
+    # The one number (STAC's lr without the "snr" scale) reaches the C kernel as float32 values even where
+    # torch's default dtype is float64 (its per-tensor vector was once made in the default dtype).
+    lists = dict(params=tensors(0), grads=tensors(1), momenta=tensors(2, 0.1))
+    c_group, torch_group = both_paths(lists)
+    numbers = dict(UPDATES["sign_step"][3])
+    torch.set_default_dtype(torch.float64)
+    try:
+        for group in (c_group, torch_group):
+            update(group, "sign_step", stac._sign_step, ["params", "grads", "momenta"], dict(lr=3e-3), numbers)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert_same_bits(c_group, torch_group)
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_a_momentum_that_would_overflow_stays_at_its_dtypes_largest_value(state_dtype):
     # beta m + (1 - beta) g of values near float32's largest may round past it; here it is 1.1 times it. Inf there

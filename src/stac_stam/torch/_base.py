@@ -2,6 +2,7 @@
 policy and checkpoints. The kernels they run are in ``_kernels.py`` and ``_cpu_kernels.py``."""
 
 import copy
+import itertools
 import math
 import numbers
 import operator
@@ -233,16 +234,21 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
         or of another shape (assigned through ``.data``), dtype, device or kind than its parameter is refused
         with a RuntimeError naming the parameter. A DTensor gradient sharded otherwise than its parameter is
         redistributed to the parameter's placements."""
-        params = [param for param in group["params"] if param.grad is not None]
-        grads = [param.grad for param in params]
-        # Compared list against list (at C speed); a mismatch is then found and named.
-        if not set(map(operator.attrgetter("layout"), grads)) <= {torch.strided} or any(
-                list(map(get, grads)) != list(map(get, params))
-                for get in (operator.attrgetter("shape"), operator.attrgetter("dtype"), operator.attrgetter("device"),
-                            _kind)):
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
+            params = [param for param in params if param.grad is not None]
+            grads = list(map(_GRAD, params))
+        # Compared list against list (at C speed); a mismatch is then found and named. Plain tensors and
+        # Parameters are all of one kind, without a call of _kind each.
+        checks = [_SHAPE_DTYPE_DEVICE]
+        if not set(map(type, grads)) | set(map(type, params)) <= _PLAIN:
+            checks.append(_kind)
+        if not set(map(_LAYOUT, grads)) <= {torch.strided} or any(
+                list(map(get, grads)) != list(map(get, params)) for get in checks):
             self._refuse_gradient(group, group_index)
         dtensor = dtensor_type()
-        if dtensor is not None:
+        if dtensor is not None and any(map(isinstance, grads, itertools.repeat(dtensor))):
             grads = [grad.redistribute(param.device_mesh, param.placements)
                      if isinstance(grad, dtensor) and grad.placements != param.placements else grad
                      for param, grad in zip(params, grads)]
@@ -461,6 +467,11 @@ def _gradient_problem(param, grad):
     if _kind(grad) is not _kind(param):
         return f"is a {type(grad).__name__}, the parameter a {type(param).__name__}"
     return None
+
+
+_GRAD, _LAYOUT = operator.attrgetter("grad"), operator.attrgetter("layout")
+_SHAPE_DTYPE_DEVICE = operator.attrgetter("shape", "dtype", "device")
+_PLAIN = {torch.Tensor, torch.nn.Parameter}
 
 
 def _kind(tensor):

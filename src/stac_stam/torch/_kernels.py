@@ -24,6 +24,7 @@ round every float32 operation once, in the same order. A DTensor is only ever to
 tensor, never through a raw pointer of the subclass.
 """
 
+import itertools
 import operator
 import sys
 
@@ -67,7 +68,7 @@ class GroupTensors:
         self.numels = [param.numel() for param in params]
         self.shard_meshes = None
         dtensor = dtensor_type()
-        if dtensor is not None and any(isinstance(param, dtensor) for param in params):
+        if dtensor is not None and any(map(isinstance, params, itertools.repeat(dtensor))):
             self.shard_meshes = [(param.device_mesh, tuple(dim for dim, placement in enumerate(param.placements)
                                                            if placement.is_shard()))
                                  if isinstance(param, dtensor) else None for param in params]
@@ -76,6 +77,7 @@ class GroupTensors:
         self.lists = lists
         self.bf16_lists = bf16_lists
         self.bf16 = False  # whether the bf16-capable lists hold bfloat16 (the C kernels' "_bf16" forms)
+        self._arrays = {}  # the C path's element counts and pointer arrays, by list name, made once per step
         self.path = "per_tensor" if not fused else "cpu" if self._c_serves(bf16_lists) else "foreach"
 
     def _c_serves(self, bf16_lists):
@@ -84,7 +86,7 @@ class GroupTensors:
             return False
         dtypes = {True: set(), False: set()}
         for name, tensors in self.lists.items():
-            if not all(map(_cpu_kernels.serves, tensors)):
+            if not _cpu_kernels.serves(tensors):
                 return False
             dtypes[name in bf16_lists].update(map(_DTYPE, tensors))
         if dtypes[False] - {torch.float32} or len(dtypes[True]) > 1 or dtypes[True] - {torch.float32, torch.bfloat16}:
@@ -95,6 +97,17 @@ class GroupTensors:
     def kernel(self, name, names):
         """The C kernel ``name`` for the lists ``names``: its "_bf16" form where one of them holds bfloat16."""
         return name + "_bf16" if self.bf16 and set(names) & set(self.bf16_lists) else name
+
+    def c_arrays(self, names):
+        """``_cpu_kernels.run``'s arrays for the lists ``names``: the (local) element counts, then each list's
+        data pointers; each made once per step, though the read and the update pass most lists both."""
+        arrays = self._arrays
+        if not arrays:
+            arrays["numels"] = _cpu_kernels.arrays([next(iter(self.lists.values()))])[0]
+        for name in names:
+            if name not in arrays:
+                arrays[name] = _cpu_kernels.pointers(self.lists[name])
+        return [arrays[name] for name in ("numels", *names)]
 
     def demote(self):
         """Run this group on the torch path (its 0-d state entries are not the C kernels' float32 numbers)."""
@@ -112,10 +125,8 @@ class Read:
 
     def means(self):
         """Each tensor's two means (float64 vectors), a zero-size tensor's 0."""
-        numels = torch.tensor([max(numel, 1) for numel in self.group.numels], dtype=self.sums.dtype,
-                              device=self.sums.device)
-        means = self.sums / numels[:, None]
-        return means[:, 0], means[:, 1]
+        numels = torch.tensor(self.group.numels, dtype=self.sums.dtype, device=self.sums.device).clamp_(min=1)
+        return (self.sums / numels[:, None]).unbind(1)
 
 
 def read_finite(group, name="grads"):
@@ -123,7 +134,7 @@ def read_finite(group, name="grads"):
     tensors = group.lists[name]
     if group.path == "cpu":
         nonfinite = torch.empty((), dtype=torch.float64)
-        _cpu_kernels.run("finite_read", [tensors], [nonfinite])
+        _cpu_kernels.run("finite_read", group.c_arrays([name]), [nonfinite])
         return Read(group, None, nonfinite)
     # The largest |value| of each (NaN when one is NaN); an empty tensor has none, and nothing non-finite.
     nonempty = [t for t in tensors if t.numel()]
@@ -140,7 +151,7 @@ def read_sums(group, c_kernel, names, torch_sums, numbers=()):
     lists = [group.lists[name] for name in names]
     if group.path == "cpu":
         sums = torch.empty(len(lists[0]), 2, dtype=torch.float64)
-        _cpu_kernels.run(group.kernel(c_kernel, names), lists, [sums], numbers)
+        _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), [sums], numbers)
     else:
         device = lists[0][0].device
         sums = torch.stack([torch_sums(*tensors, *numbers).to(device) for tensors in zip(*lists)])
@@ -153,7 +164,8 @@ def all_finite(reads):
     Under FSDP2 each read's sums of DTensor parameters are added over the processes holding the tensor's
     other shards (a replicated mesh dimension contributes one copy), and the non-finite flags of every read
     over all of them, with one ``all_reduce`` per mesh dimension for the whole step. One host sync."""
-    flag = torch.stack([read.nonfinite.to(reads[0].nonfinite.device) for read in reads]).sum()
+    flag = reads[0].nonfinite if len(reads) == 1 else torch.stack(
+        [read.nonfinite.to(reads[0].nonfinite.device) for read in reads]).sum()
     return not bool(_sum_over_shards(reads, flag))
 
 
@@ -242,10 +254,16 @@ def update(group, c_kernel, torch_update, names, vectors=None, numbers=None):
     vectors, numbers = vectors or {}, numbers or {}
     lists = [group.lists[name] for name in names]
     if group.path == "cpu":
-        per_tensor = [torch.full((len(lists[0]),), float(value)) if _is_one_number(value)
-                      else value.to(device="cpu", dtype=torch.float32).contiguous() for value in vectors.values()]
-        _cpu_kernels.run(group.kernel(c_kernel, names), lists, per_tensor, [float(value) for value in numbers.values()])
-        written = [tensor for tensors in lists for tensor in tensors if tensor.numel()]
+        per_tensor = [torch.full((len(lists[0]),), float(value), dtype=torch.float64) if _is_one_number(value)
+                      else value if value.dtype == torch.float64 and value.is_cpu
+                      else value.to(device="cpu", dtype=torch.float64) for value in vectors.values()]
+        # Several vectors are converted to float32 at once: a small torch op costs ~20 us here, the read's pass
+        # over memory having just evicted torch's code and data from the caches.
+        per_tensor = (torch.stack(per_tensor).to(torch.float32).unbind() if len(per_tensor) > 1
+                      else [value.to(torch.float32).contiguous() for value in per_tensor])
+        _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), per_tensor,
+                         [float(value) for value in numbers.values()])
+        written = [tensor for tensors in lists for tensor in tensors]
         torch.autograd.graph.increment_version(written)  # as torch's in-place ops do: autograd sees the change
         return
     if group.path == "per_tensor":
