@@ -148,7 +148,7 @@ def _speed_section(speed):
                       + (f"; {', '.join(floors)}" if floors else ""), ""]
             entries = block["optimizers"]
             columns = [c for c in _speed_columns() if any(e.get(c[0]) is not None for e in entries.values())]
-            lines += _floor_lines(block, {key for key, _, _ in columns})
+            lines += (_floor_lines if framework == "torch" else _jax_floor_lines)(block, {key for key, _, _ in columns})
             lines += ["| optimizer | " + " | ".join(header for _, header, _ in columns) + " |",
                       "|---|" + "---:|" * len(columns)]
             for name, e in entries.items():
@@ -170,6 +170,16 @@ def _floor_lines(block, shown):
             f"statistics read that makes it) at the read floor plus the update's bytes at fused AdamW's measured "
             f"rate, as a ratio to the yardstick (a target below it is out of reach unless the update outruns fused "
             f"AdamW's); vs own floor: the step over it{physical}.{check}", ""]
+
+
+def _jax_floor_lines(block, shown):
+    """What a JAX table's floor is, when it shows one."""
+    if "floor_ratio_to_yardstick" not in shown:
+        return []
+    return [f"Own floor: optax.adamw's step behind one read of every gradient, whose all-finite result gates the "
+            f"update ({block['nonfinite_floor_ms']:.2f} ms, timed in the same rounds), as a ratio to the yardstick, "
+            f"for an optimizer that reads every gradient before any write (the all-or-nothing policy) and then moves "
+            f"AdamW's bytes; vs own floor: the step over it.", ""]
 
 
 def _first_step_lines(first_steps):

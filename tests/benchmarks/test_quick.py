@@ -104,3 +104,12 @@ def test_the_speed_benchmarks_quick_section():
         for name, entry in block["optimizers"].items():
             assert len(entry["compile_s_each"]) == speed["compile_rounds"] >= 1, (shape, name)
             assert entry["compile_s"] == statistics.median(entry["compile_s_each"]) > 0, (shape, name)
+            # STAM is held to the all-or-nothing floor measured in the same rounds (optax.adamw + a gradient read).
+            if name == "STAM":
+                assert entry["floor"] == "optax.adamw + gradient read", shape
+                assert entry["floor_ms"] == block["nonfinite_floor_ms"] > 0, shape
+                assert entry["ratio_to_floor"] == pytest.approx(entry["step_ms_median"] / entry["floor_ms"]), shape
+            else:
+                assert entry["floor"] is None and entry["ratio_to_floor"] is None, (shape, name)
+        assert block["nonfinite_floor_ratio_to_yardstick"] == pytest.approx(
+            block["nonfinite_floor_ms"] / block["optimizers"]["optax.adamw"]["step_ms_median"])

@@ -131,6 +131,28 @@ def test_the_readme_shows_each_optimizers_floors_and_a_report_without_the_physic
     assert "physical floor: the same with the update at the bandwidth floor" in text
 
 
+def test_a_jax_table_shows_its_all_or_nothing_floor_and_an_older_one_renders_without_it():
+    result = synthetic_result()
+    result["speed"]["jax"] = {"large": {"n_params": 4_000_000, "n_tensors": 4, "yardstick": "optax.adamw",
+                                        "optimizers": {
+                                            "optax.adamw": {"step_ms_median": 10.0, "ratio_to_yardstick": 1.0},
+                                            "STAM": {"step_ms_median": 15.0, "ratio_to_yardstick": 1.5}}}}
+    older = report.readme(result)  # a report.json from before the JAX floor was measured
+    assert "| optimizer | step ms | vs yardstick |\n|---|---:|---:|\n| optax.adamw | 10.00 | 1.00 |" in older
+    assert "Own floor: optax.adamw's step" not in older
+    block = result["speed"]["jax"]["large"]
+    block.update(nonfinite_floor_ms=12.5, nonfinite_floor_ratio_to_yardstick=1.25)
+    block["optimizers"]["optax.adamw"].update(floor=None, floor_ms=None, ratio_to_floor=None,
+                                              floor_ratio_to_yardstick=None)
+    block["optimizers"]["STAM"].update(floor="optax.adamw + gradient read", floor_ms=12.5, ratio_to_floor=1.2,
+                                       floor_ratio_to_yardstick=1.25)
+    text = report.readme(result)
+    assert "| optimizer | step ms | vs yardstick | own floor | vs own floor |" in text
+    assert "| optax.adamw | 10.00 | 1.00 | - | - |" in text and "| STAM | 15.00 | 1.50 | 1.25 | 1.20 |" in text
+    assert "Own floor: optax.adamw's step behind one read of every gradient" in text and "(12.50 ms," in text
+    assert "The non-finite check alone" not in text.split("### jax")[1]
+
+
 def test_the_committed_benchmark_readme_is_written_from_the_committed_report():
     committed = json.loads((ROOT / "docs" / "benchmark" / "report.json").read_text())
     assert (ROOT / "docs" / "benchmark" / "README.md").read_text().strip() == report.readme(committed).strip()
