@@ -94,11 +94,11 @@ QUICK_SHAPES = {"large": dict(layers=2, width=512), "stack": dict(blocks=1, widt
 # One thread: on this shared 2-core host a second thread's share of each parallel region waits for a time slice
 # (~20 ms steps of a 0.5 ms update under load), which times the machine's other tenants, not the optimizers.
 TORCH_THREADS = 1
-LIBRARY = ["STAC", "STAC bf16 state", "STAC plain sign", "STAC recommended", "STAM", "STAMLite"]
+LIBRARY = ["STAC", "STAC bf16 state", "STAC plain sign", "STAC recommended", "STAC compact", "STAM", "STAMLite"]
 # Every PyTorch optimizer but AdamW8bit, whose first step compiles (~30 s) and whose step takes 7 s on the large
 # shape at one thread; JAX's yardstick with the library.
 TORCH_BUT_8BIT = ["AdamW fused", "AdamW foreach", *LIBRARY, "Lion", "SGD momentum", "Adafactor"]
-JAX_LIBRARY = ["optax.adamw", "STAM", "STAMLite", "STAC", "STAC recommended"]
+JAX_LIBRARY = ["optax.adamw", "STAM", "STAMLite", "STAC", "STAC recommended", "STAC compact"]
 # JAX optimizers bounded by ``jax_floor_step`` (their ``floor``): every library optimizer reads all its gradients
 # (their finiteness, or the statistics that make it) before it writes anything, and STAM's update then moves
 # AdamW's bytes. STAMLite's and STAC's updates move fewer (24 and 20 bytes per parameter against 28), so AdamW's
@@ -158,6 +158,7 @@ def _torch_optimizers():
         "STAC bf16 state": lambda m: STAC(m, lr=1e-3, sign_state_dtype=torch.bfloat16),
         "STAC plain sign": lambda m: STAC(m, lr=1e-3, sign_momentum=0.0),
         "STAC recommended": lambda m: STAC.recommended(m, lr=1e-3),
+        "STAC compact": lambda m: STAC.compact(m, lr=1e-3),
         "STAM": lambda m: STAM(m.parameters(), lr=1e-3),
         "STAMLite": lambda m: STAMLite(m.parameters(), lr=1e-3),
         "Lion": lambda m: Lion(m.parameters(), lr=1e-4),
@@ -211,7 +212,7 @@ def _stac_bytes(optimizer):
         elif group["betas"][0] == 0.0:  # the trunk's momentum
             moved, read, read_pass = moved + 12 * n, read + 8 * n, read_pass + 4 * n
         else:
-            momentum_bytes = 2 if optimizer.sign_state_dtype is not None else 4
+            momentum_bytes = optimizer.sign_state_dtype.itemsize if optimizer.sign_state_dtype is not None else 4
             moved += (12 + 2 * momentum_bytes) * n
             read += (8 + momentum_bytes) * n
             read_pass += (4 + momentum_bytes) * n if group["sign_step_scale"] == "snr" else 4 * n
@@ -520,13 +521,13 @@ def run_fsdp2(shape_name, shape, rounds, progress, quick=False):
 def _jax_optimizers():
     import optax
 
-    from stac_optimizer.optax import stac, stac_recommended
+    from stac_optimizer.optax import stac, stac_compact, stac_recommended
     from stam_optimizer import stam, stam_lite
 
     return {
         "optax.adamw": lambda: optax.adamw(1e-3, weight_decay=0.01),
         "STAM": lambda: stam(1e-3), "STAMLite": lambda: stam_lite(1e-3), "STAC": lambda: stac(1e-3),
-        "STAC recommended": lambda: stac_recommended(1e-3),
+        "STAC recommended": lambda: stac_recommended(1e-3), "STAC compact": lambda: stac_compact(1e-3),
         "optax.lion": lambda: optax.lion(1e-4), "sgd momentum": lambda: optax.sgd(1e-2, momentum=0.9),
         "rmsprop": lambda: optax.rmsprop(1e-3), "adagrad": lambda: optax.adagrad(1e-2),
         "nadam": lambda: optax.nadam(1e-3), "lamb": lambda: optax.lamb(1e-3),
