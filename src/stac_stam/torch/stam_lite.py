@@ -35,7 +35,7 @@ def stam_lite_rule(g_mean, g_sq_mean, *, grad_mean, grad_sq_mean, beta1, beta1_p
     finite = new_mean.isfinite() & new_sq_mean.isfinite()
     z = (new_sq_mean - new_mean.square()).clamp(min=0) / (new_sq_mean + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
-    refresh = torch.remainder(new_step - 1, beta1_update_interval) == 0
+    refresh = torch.remainder(step, beta1_update_interval) == 0  # step = new_step - 1, an integer
     new_beta1 = torch.where(finite, torch.where(refresh, adapted, beta1), b1_base)
     new_beta1_product = beta1_product * new_beta1
     new_mean = torch.where(finite, new_mean, grad_mean)
