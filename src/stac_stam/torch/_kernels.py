@@ -131,10 +131,10 @@ class Read:
         self.group, self.sums, self.nonfinite = group, sums, nonfinite
 
     def means(self):
-        """Each tensor's two means (float64 vectors), a zero-size tensor's 0."""
+        """Each tensor's two means, a zero-size tensor's 0: a float64 matrix of two rows, one column per tensor."""
         numels = torch.tensor([[max(numel, 1)] for numel in self.group.numels], dtype=self.sums.dtype,
                               device=self.sums.device)
-        return (self.sums / numels).unbind(1)
+        return (self.sums / numels).T
 
 
 def read_finite(group, name="grads"):
@@ -173,8 +173,9 @@ def all_finite(reads):
     Under FSDP2 each read's sums of DTensor parameters are added over the processes holding the tensor's
     other shards (a replicated mesh dimension contributes one copy), and the non-finite flags of every read
     over all of them, with one ``all_reduce`` per mesh dimension for the whole step. One host sync."""
-    flag = reads[0].nonfinite if len(reads) == 1 else torch.stack(
-        [read.nonfinite.to(reads[0].nonfinite.device) for read in reads]).sum()
+    flag = reads[0].nonfinite
+    for read in reads[1:]:
+        flag = flag + read.nonfinite.to(flag.device)
     return not bool(_sum_over_shards(reads, flag))
 
 
@@ -263,13 +264,17 @@ def update(group, c_kernel, torch_update, names, vectors=None, numbers=None):
     vectors, numbers = vectors or {}, numbers or {}
     lists = [group.lists[name] for name in names]
     if group.path == "cpu":
-        per_tensor = [torch.full((len(lists[0]),), float(value), dtype=torch.float64) if _is_one_number(value)
-                      else value if value.dtype == torch.float64 and value.is_cpu
-                      else value.to(device="cpu", dtype=torch.float64) for value in vectors.values()]
-        # Several vectors are converted to float32 at once: a small torch op costs ~20 us here, the read's pass
-        # over memory having just evicted torch's code and data from the caches.
-        per_tensor = (torch.stack(per_tensor).to(torch.float32).unbind() if len(per_tensor) > 1
-                      else [value.to(torch.float32).contiguous() for value in per_tensor])
+        # Several vectors are converted to float32 at once, one number filled in float32 (rounded as the
+        # conversion would): a small torch op costs ~20 us here, the read's pass over memory having just evicted
+        # torch's code and data from the caches.
+        if len(vectors) == 1 and _is_one_number(value := next(iter(vectors.values()))):
+            per_tensor = [torch.full((len(lists[0]),), float(value), dtype=torch.float32)]
+        else:
+            per_tensor = [torch.full((len(lists[0]),), float(value), dtype=torch.float64) if _is_one_number(value)
+                          else value if value.dtype == torch.float64 and value.is_cpu
+                          else value.to(device="cpu", dtype=torch.float64) for value in vectors.values()]
+            per_tensor = (torch.stack(per_tensor).to(torch.float32).unbind() if len(per_tensor) > 1
+                          else [value.to(torch.float32).contiguous() for value in per_tensor])
         _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), per_tensor,
                          [float(value) for value in numbers.values()])
         written = [tensor for tensors in lists for tensor in tensors]
