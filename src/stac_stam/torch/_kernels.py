@@ -338,13 +338,17 @@ def traced_number(value):
 
 
 def one_minus_power(base, exponent):
-    """``1 - base ** exponent`` (a bias correction), exact for ``base`` near 1, ``exponent`` a float64 vector.
-    ``base`` (a number from the param group, which a scheduler may cycle) enters as a tensor: Python math on it
-    would make a compiled step guard on its value and compile again for every new one."""
-    if torch.is_tensor(base) or torch.compiler.is_compiling():
-        base = exponent.new_zeros(()) + base  # (torch.as_tensor(base) would guard on it too)
+    """``1 - base ** exponent`` (a bias correction), exact for ``base`` near 1, ``exponent`` a float64 vector;
+    for a list of bases, a matrix of one row per base, each small op taken once for all of them (~20 us each
+    after a C pass). A ``base`` (a number from the param group, which a scheduler may cycle) enters as a
+    tensor: Python math on it would make a compiled step guard on its value and compile again for every new
+    one."""
+    traced = torch.compiler.is_compiling()  # (torch.as_tensor(base) would guard on it too)
+    if isinstance(base, list):
+        base = (torch.stack([exponent.new_zeros(()) + number for number in base])[:, None]
+                if traced or any(map(torch.is_tensor, base)) else exponent.new_tensor([[number] for number in base]))
     else:
-        base = exponent.new_full((), base)  # one small op, not two
+        base = exponent.new_zeros(()) + base if traced or torch.is_tensor(base) else exponent.new_full((), base)
     return -torch.expm1(exponent * torch.log(base))
 
 
