@@ -124,8 +124,8 @@ class GroupTensors:
 
 class Read:
     """A group's read: ``sums`` (float64, one row of two sums per tensor, or None for a finiteness read) and
-    ``nonfinite`` (a 0-d float64, nonzero (NaN for a read with sums) when a value read is NaN or Inf), over this process's elements until
-    ``all_finite`` adds them over the tensors' meshes."""
+    ``nonfinite`` (a 0-d float64, nonzero (NaN for a read with sums) when a value read is NaN or Inf), over
+    this process's elements until ``all_finite`` adds them over the tensors' meshes."""
 
     def __init__(self, group, sums, nonfinite):
         self.group, self.sums, self.nonfinite = group, sums, nonfinite

@@ -23,7 +23,8 @@ def _stam_lite_sums(grad):
 def stam_lite_rule(g_means, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
                    adapt_strength, moment_decay, beta1_update_interval, eps, largest):
     """STAMLite's per-tensor numbers (float64 vectors, one value per tensor) from this step's mean(g) and
-    mean(g^2) (``g_means``, a matrix of these two rows): the new state entries and the update's coefficient ``lr / ((1 - prod beta1) rms)``.
+    mean(g^2) (``g_means``, a matrix of these two rows): the new state entries and the update's coefficient
+    ``lr / ((1 - prod beta1) rms)``.
 
     Computed in float64, where no moment of float32 gradients overflows; stored saturated at the largest value
     of the state's dtype (``largest``). So a gradient whose square overflows float32 (1e20) moves the
