@@ -24,6 +24,7 @@ round every float32 operation once, in the same order. A DTensor is only ever to
 tensor, never through a raw pointer of the subclass.
 """
 
+import array
 import itertools
 import operator
 import sys
@@ -64,8 +65,8 @@ class GroupTensors:
 
     def __init__(self, fused, lists, bf16_lists=()):
         params = next(iter(lists.values()))
-        self.shapes = [tuple(param.shape) for param in params]
-        self.numels = [param.numel() for param in params]
+        self._params = params  # the whole tensors, for ``shapes``
+        self.numels = list(map(torch.Tensor.numel, params))
         self.shard_meshes = None
         dtensor = dtensor_type()
         if dtensor is not None and any(map(isinstance, params, itertools.repeat(dtensor))):
@@ -79,6 +80,11 @@ class GroupTensors:
         self.bf16 = False  # whether the bf16-capable lists hold bfloat16 (the C kernels' "_bf16" forms)
         self._arrays = {}  # the C path's element counts and pointer arrays, by list name, made once per step
         self.path = "per_tensor" if not fused else "cpu" if self._c_serves(bf16_lists) else "foreach"
+
+    @property
+    def shapes(self):
+        """The whole parameters' shapes (made on demand: only the factored trunk asks)."""
+        return [tuple(param.shape) for param in self._params]
 
     def _c_serves(self, bf16_lists):
         # Checked list by list with map (at C speed): a step of a 200-tensor model checks ~800 tensors.
@@ -102,8 +108,9 @@ class GroupTensors:
         """``_cpu_kernels.run``'s arrays for the lists ``names``: the (local) element counts, then each list's
         data pointers; each made once per step, though the read and the update pass most lists both."""
         arrays = self._arrays
-        if not arrays:
-            arrays["numels"] = _cpu_kernels.arrays([next(iter(self.lists.values()))])[0]
+        if not arrays:  # the local element counts: a DTensor's shard's, else the numels known already
+            arrays["numels"] = (_cpu_kernels.arrays([next(iter(self.lists.values()))])[0] if self.shard_meshes
+                                else array.array("q", self.numels))
         for name in names:
             if name not in arrays:
                 arrays[name] = _cpu_kernels.pointers(self.lists[name])
@@ -117,16 +124,17 @@ class GroupTensors:
 
 class Read:
     """A group's read: ``sums`` (float64, one row of two sums per tensor, or None for a finiteness read) and
-    ``nonfinite`` (a 0-d float64, nonzero when a value read is NaN or Inf), over this process's elements until
-    ``all_finite`` adds them over the tensors' meshes."""
+    ``nonfinite`` (a 0-d float64, nonzero (NaN for a read with sums) when a value read is NaN or Inf), over
+    this process's elements until ``all_finite`` adds them over the tensors' meshes."""
 
     def __init__(self, group, sums, nonfinite):
         self.group, self.sums, self.nonfinite = group, sums, nonfinite
 
     def means(self):
-        """Each tensor's two means (float64 vectors), a zero-size tensor's 0."""
-        numels = torch.tensor(self.group.numels, dtype=self.sums.dtype, device=self.sums.device).clamp_(min=1)
-        return (self.sums / numels[:, None]).unbind(1)
+        """Each tensor's two means, a zero-size tensor's 0: a float64 matrix of two rows, one column per tensor."""
+        numels = torch.tensor([[max(numel, 1)] for numel in self.group.numels], dtype=self.sums.dtype,
+                              device=self.sums.device)
+        return (self.sums / numels).T
 
 
 def read_finite(group, name="grads"):
@@ -155,7 +163,8 @@ def read_sums(group, c_kernel, names, torch_sums, numbers=()):
     else:
         device = lists[0][0].device
         sums = torch.stack([torch_sums(*tensors, *numbers).to(device) for tensors in zip(*lists)])
-    return Read(group, sums, (~sums.isfinite()).any().to(sums.dtype))
+    # 0 when every sum is finite, else NaN (Inf * 0): two small ops, which cost ~20 us each after a C pass.
+    return Read(group, sums, (sums * 0).sum())
 
 
 def all_finite(reads):
@@ -164,8 +173,9 @@ def all_finite(reads):
     Under FSDP2 each read's sums of DTensor parameters are added over the processes holding the tensor's
     other shards (a replicated mesh dimension contributes one copy), and the non-finite flags of every read
     over all of them, with one ``all_reduce`` per mesh dimension for the whole step. One host sync."""
-    flag = reads[0].nonfinite if len(reads) == 1 else torch.stack(
-        [read.nonfinite.to(reads[0].nonfinite.device) for read in reads]).sum()
+    flag = reads[0].nonfinite
+    for read in reads[1:]:
+        flag = flag + read.nonfinite.to(flag.device)
     return not bool(_sum_over_shards(reads, flag))
 
 
@@ -254,13 +264,17 @@ def update(group, c_kernel, torch_update, names, vectors=None, numbers=None):
     vectors, numbers = vectors or {}, numbers or {}
     lists = [group.lists[name] for name in names]
     if group.path == "cpu":
-        per_tensor = [torch.full((len(lists[0]),), float(value), dtype=torch.float64) if _is_one_number(value)
-                      else value if value.dtype == torch.float64 and value.is_cpu
-                      else value.to(device="cpu", dtype=torch.float64) for value in vectors.values()]
-        # Several vectors are converted to float32 at once: a small torch op costs ~20 us here, the read's pass
-        # over memory having just evicted torch's code and data from the caches.
-        per_tensor = (torch.stack(per_tensor).to(torch.float32).unbind() if len(per_tensor) > 1
-                      else [value.to(torch.float32).contiguous() for value in per_tensor])
+        # Several vectors are converted to float32 at once, one number filled in float32 (rounded as the
+        # conversion would): a small torch op costs ~20 us here, the read's pass over memory having just evicted
+        # torch's code and data from the caches.
+        if len(vectors) == 1 and _is_one_number(value := next(iter(vectors.values()))):
+            per_tensor = [torch.full((len(lists[0]),), float(value), dtype=torch.float32)]
+        else:
+            per_tensor = [torch.full((len(lists[0]),), float(value), dtype=torch.float64) if _is_one_number(value)
+                          else value if value.dtype == torch.float64 and value.is_cpu
+                          else value.to(device="cpu", dtype=torch.float64) for value in vectors.values()]
+            per_tensor = (torch.stack(per_tensor).to(torch.float32).unbind() if len(per_tensor) > 1
+                          else [value.to(torch.float32).contiguous() for value in per_tensor])
         _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), per_tensor,
                          [float(value) for value in numbers.values()])
         written = [tensor for tensors in lists for tensor in tensors]
@@ -324,10 +338,17 @@ def traced_number(value):
 
 
 def one_minus_power(base, exponent):
-    """``1 - base ** exponent`` (a bias correction), exact for ``base`` near 1, ``exponent`` a float64 vector.
-    ``base`` (a number from the param group, which a scheduler may cycle) enters as a tensor: Python math on it
-    would make a compiled step guard on its value and compile again for every new one."""
-    base = exponent.new_zeros(()) + base  # (torch.as_tensor(base) would guard on it too)
+    """``1 - base ** exponent`` (a bias correction), exact for ``base`` near 1, ``exponent`` a float64 vector;
+    for a list of bases, a matrix of one row per base, each small op taken once for all of them (~20 us each
+    after a C pass). A ``base`` (a number from the param group, which a scheduler may cycle) enters as a
+    tensor: Python math on it would make a compiled step guard on its value and compile again for every new
+    one."""
+    traced = torch.compiler.is_compiling()  # (torch.as_tensor(base) would guard on it too)
+    if isinstance(base, list):
+        base = (torch.stack([exponent.new_zeros(()) + number for number in base])[:, None]
+                if traced or any(map(torch.is_tensor, base)) else exponent.new_tensor([[number] for number in base]))
+    else:
+        base = exponent.new_zeros(()) + base if traced or torch.is_tensor(base) else exponent.new_full((), base)
     return -torch.expm1(exponent * torch.log(base))
 
 

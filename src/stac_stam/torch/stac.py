@@ -163,8 +163,9 @@ def snr_rule(grad_sq_sum_mean, momentum_abs_mean, *, grad_sq_mean, step, lr, sig
     ``lr * s``."""
     new_step = step + 1
     new_grad_sq_mean = b2 * grad_sq_mean + (1 - b2) * grad_sq_sum_mean
-    momentum_size = momentum_abs_mean / one_minus_power(sign_momentum, new_step)  # the bias corrections
-    rms = (new_grad_sq_mean / one_minus_power(b2, new_step)).sqrt() + eps
+    momentum_correction, grad_sq_correction = one_minus_power([sign_momentum, b2], new_step)  # bias corrections
+    momentum_size = momentum_abs_mean / momentum_correction
+    rms = (new_grad_sq_mean / grad_sq_correction).sqrt() + eps
     return torch.clamp(new_grad_sq_mean, max=largest), new_step, lr * momentum_size / rms
 
 

@@ -32,9 +32,10 @@ def stam_rule(residual_sq_mean, residual_abs_mean, *, variance, scale, beta1_pro
     non-finite: both keep their old values and beta1 is b1_base."""
     new_variance = b2 * variance + (1 - b2) * residual_sq_mean
     new_scale = tau_decay * scale + (1 - tau_decay) * residual_abs_mean
-    finite = (new_variance <= largest) & (new_scale <= largest)  # False for NaN too
-    new_variance = torch.minimum(new_variance, VARIANCE_CAP * new_scale.square())
-    z = new_variance / (new_scale.square() + eps)
+    finite = torch.maximum(new_variance, new_scale) <= largest  # False for NaN too
+    scale_sq = new_scale.square()
+    new_variance = torch.minimum(new_variance, VARIANCE_CAP * scale_sq)
+    z = new_variance / (scale_sq + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
     new_beta1 = torch.where(finite, adapted, b1_base)
     new_step, new_beta1_product = step + 1, beta1_product * new_beta1

@@ -20,29 +20,30 @@ def _stam_lite_sums(grad):
     return torch.stack([g.sum(), g.square().sum()])
 
 
-def stam_lite_rule(g_mean, g_sq_mean, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
+def stam_lite_rule(g_means, *, grad_mean, grad_sq_mean, beta1, beta1_product, step, lr, b1_base,
                    adapt_strength, moment_decay, beta1_update_interval, eps, largest):
     """STAMLite's per-tensor numbers (float64 vectors, one value per tensor) from this step's mean(g) and
-    mean(g^2): the new state entries and the update's coefficient ``lr / ((1 - prod beta1) rms)``.
+    mean(g^2) (``g_means``, a matrix of these two rows): the new state entries and the update's coefficient
+    ``lr / ((1 - prod beta1) rms)``.
 
     Computed in float64, where no moment of float32 gradients overflows; stored saturated at the largest value
     of the state's dtype (``largest``). So a gradient whose square overflows float32 (1e20) moves the
     parameter by about lr, as AdamW's first step does, never by lr / eps; and E[g^2] never falls behind a
     momentum that grew with such gradients."""
-    new_step = step + 1
-    new_mean = moment_decay * grad_mean + (1 - moment_decay) * g_mean
-    new_sq_mean = moment_decay * grad_sq_mean + (1 - moment_decay) * g_sq_mean
-    finite = new_mean.isfinite() & new_sq_mean.isfinite()
+    # The two moments as the rows of one matrix: each step below is one small op for both.
+    new_step, moments = step + 1, torch.stack([grad_mean, grad_sq_mean])
+    new_moments = moment_decay * moments + (1 - moment_decay) * g_means
+    finite = new_moments.isfinite().all(0)
+    new_mean, new_sq_mean = new_moments
     z = (new_sq_mean - new_mean.square()).clamp(min=0) / (new_sq_mean + eps)
     adapted = torch.clamp(b1_base * (1 - adapt_strength * z / (1 + z)), b1_base * (1 - adapt_strength), b1_base)
-    refresh = torch.remainder(new_step - 1, beta1_update_interval) == 0
+    refresh = torch.remainder(step, beta1_update_interval) == 0  # step = new_step - 1, an integer
     new_beta1 = torch.where(finite, torch.where(refresh, adapted, beta1), b1_base)
     new_beta1_product = beta1_product * new_beta1
-    new_mean = torch.where(finite, new_mean, grad_mean)
-    new_sq_mean = torch.where(finite, new_sq_mean, grad_sq_mean)
-    rms = (new_sq_mean / one_minus_power(moment_decay, new_step)).sqrt() + eps
-    return (torch.clamp(new_mean, -largest, largest), torch.clamp(new_sq_mean, max=largest), new_beta1,
-            new_beta1_product, new_step, lr / ((1 - new_beta1_product) * rms))
+    new_moments = torch.where(finite, new_moments, moments)
+    rms = (new_moments[1] / one_minus_power(moment_decay, new_step)).sqrt() + eps
+    new_mean, new_sq_mean = torch.clamp(new_moments, -largest, largest)  # E[g^2] >= 0: its clamp is max=largest
+    return (new_mean, new_sq_mean, new_beta1, new_beta1_product, new_step, lr / ((1 - new_beta1_product) * rms))
 
 
 def _stam_lite_step(params, grads, mus, *, beta1, step_size, decay, bound):
@@ -85,7 +86,7 @@ def stam_lite_update(tensors, read, statistics, *, lr, b1_base, weight_decay, ad
     updating mu and p. mu stays within its dtype's finite range.
     """
     device = read.sums.device
-    new = stam_lite_rule(*read.means(), **statistics.values(device), lr=lr, b1_base=b1_base,
+    new = stam_lite_rule(read.means(), **statistics.values(device), lr=lr, b1_base=b1_base,
                          adapt_strength=adapt_strength, moment_decay=moment_decay,
                          beta1_update_interval=beta1_update_interval, eps=eps, largest=statistics.largest(device))
     statistics.store(dict(zip(_TENSOR_STATISTICS, new)))
