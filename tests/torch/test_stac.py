@@ -190,6 +190,44 @@ def test_compact_preset_is_the_factored_trunk_with_int8_momentum_and_the_output_
     assert STAC.compact(mlp(), lr=1e-3, sign_momentum=0.0).state_dict()["param_groups"][0]["betas"][0] == 0.0
 
 
+@pytest.mark.parametrize("options", [dict(sign_state_dtype="int8"), dict(sign_momentum=0.0, maximize=True),
+                                     dict(sign_state_dtype="int8", sign_interpolation=0.5, weight_decay=0.1)])
+def test_the_factored_trunks_c_kernel_steps_as_its_torch_code_on_tensors_of_many_blocks(options, monkeypatch):
+    # The C kernel sums g^2 and u^2 over blocks of at most 4096 columns and about 2^18 values, and updates rows in
+    # blocks of about 16384 values: these tensors span several of each, and a parameter of no columns.
+    from stac_stam.torch._kernels import GroupTensors
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return nn.ParameterList([torch.randn(shape) for shape in ((3000, 100), (12, 5000), (7,), (), (5, 0))])
+
+    def train(params, threads, **kwargs):
+        optimizer = STAC(params, last_n_layers=0, lr=1e-2, sign_step_scale="factored", **options, **kwargs)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for step in range(3):
+                set_grads(params, seed=step)
+                optimizer.step()
+        finally:
+            torch.set_num_threads(previous)
+        return optimizer
+
+    paths = []
+    init = GroupTensors.__init__
+    monkeypatch.setattr(GroupTensors, "__init__", lambda self, *a, **k: (init(self, *a, **k), paths.append(self))[0])
+    runs = [(params := model(0), train(params, threads, **kwargs)) for threads, kwargs in
+            ((2, {}), (1, {}), (1, dict(fused=False)))]
+    assert [group.path for group in paths] == ["cpu"] * 6 + ["per_tensor"] * 3
+    (c_params, c_optimizer), (one_thread_params, one_thread_optimizer), (torch_params, torch_optimizer) = runs
+    for p, q, r in zip(c_params, one_thread_params, torch_params):
+        assert torch.equal(p, q)  # the same bits on any thread count
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+        for key, value in c_optimizer.state[p].items():
+            assert torch.equal(value, one_thread_optimizer.state[q][key])
+            torch.testing.assert_close(value, torch_optimizer.state[r][key], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr=-1.0), r"lr must be in \[0.0, inf\), got -1.0"),
     (dict(sign_momentum=1.0), r"sign_momentum must be in \[0.0, 1.0\), got 1.0"),

@@ -19,9 +19,6 @@ OPTIMIZERS_UNDER_TEST = {
         model.parameters(), **{"lr": 1e-2, "state_dtype": torch.bfloat16, **kw}),
 }
 NAMES = list(OPTIMIZERS_UNDER_TEST)
-# Optimizers with a group that has no C kernel: on the "cpu" path that group runs on "foreach" (STAC's factored
-# trunk; its cap is torch's fused AdamW on the C path's "cpu" group).
-NO_C_KERNEL_GROUPS = {"stac_factored_int8"}
 # The kernel layer's paths: the C kernels (float32 CPU, the default), torch's foreach ops (fused, where the C
 # kernels do not serve) and op by op, tensor by tensor (fused=False).
 PATHS = ["cpu", "foreach", "per_tensor"]
@@ -293,8 +290,7 @@ def test_fused_paths_match_the_op_by_op_update(name, path, monkeypatch, paths_ta
     train(model, fused, inputs, targets, 5)
     taken = {group.path for group in paths_taken}
     train(twin, op_by_op, inputs, targets, 5)
-    expected = {path, "foreach"} if name in NO_C_KERNEL_GROUPS else {path}
-    assert taken == expected and {group.path for group in paths_taken} == expected | {"per_tensor"}
+    assert taken == {path} and {group.path for group in paths_taken} == {path, "per_tensor"}
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         for key, value in fused.state[p].items():

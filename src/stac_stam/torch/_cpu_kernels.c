@@ -341,3 +341,254 @@ int stam_step(int n, const int64_t *numels, float *const *params, float *const *
                                         beta1[i], step_size[i], bias_correction2[i], decay, b2, one_minus_b2, eps,
                                         bound))
 }
+
+/* ---- STAC's factored trunk ------------------------------------------------------------------------------ */
+
+/* sign_step_scale="factored" (stac.py's _factored_update and _factored_apply), each tensor g seen as a matrix of
+   rows[i] rows by columns[i] columns, in one call for the group:
+
+     1. the sums of g^2 per row and per column, in double;
+     2. per tensor: R <- b2 R + (1 - b2) rowsum / columns, C <- b2 C + (1 - b2) colsum / rows (in double, stored
+        saturated at FLT_MAX), step <- step + 1, and the float32 factors r = sqrt(R / (mean(R) correction)),
+        c = sqrt(C), correction = 1 - b2^step given per tensor;
+     3. per tensor, the sum of u^2 for u = g / (r c^T + eps), in double, and clip = max(1, rms(u));
+     4. per row: u <- u / clip, then without momentum p = p decay - lr u; with int8 momentum codes and a float32
+        scale per row, m = code scale, d = interpolation m + interpolation_grad_weight u,
+        m' = saturate(beta m + grad_weight u), the row's new scale max|m'| / 127, code = round(m' / scale) (ties
+        to even) within [-127, 127], p = p decay - lr d.
+
+   The sums of 1 and 3 are taken over blocks of whole rows and at most FACTORED_COLUMNS columns, each block's
+   into its own partial sums, added in block order: the same bits on any thread count. Step 4 goes a row at a
+   time, twice over it (m' for the row's largest |m'|, then again to store): a row's scale needs all of it. */
+
+#include <float.h>
+
+#define FACTORED_COLUMNS 4096
+#define FACTORED_BLOCK (1 << 18) /* elements of a sums block, about */
+
+typedef struct {
+    int tensor;
+    int64_t row_start, row_stop, column_start, column_stop;
+    int64_t row_partial, column_partial; /* where the block's row sums and column sums go */
+} block_t;
+
+/* A tensor's blocks: `width` columns (0 for a tensor of no columns) by `height` rows; whole rows for the update. */
+static void block_shape(int64_t columns, int whole_rows, int64_t *width, int64_t *height) {
+    const int64_t per_block = whole_rows ? CHUNK : FACTORED_BLOCK;
+    *width = whole_rows || columns < FACTORED_COLUMNS ? columns : FACTORED_COLUMNS;
+    *height = *width > 0 && *width < per_block ? per_block / *width : 1;
+}
+
+/* The blocks of the sums (whole_rows = 0) or of the update (whole_rows = 1), in order; the sizes of the
+   partial sums in *row_partials, *column_partials. NULL only if out of memory. */
+static block_t *make_blocks(int n, const int64_t *rows, const int64_t *columns, int whole_rows, int64_t *count,
+                            int64_t *row_partials, int64_t *column_partials) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        int64_t width, height;
+        block_shape(columns[i], whole_rows, &width, &height);
+        if (width > 0) total += (rows[i] + height - 1) / height * ((columns[i] + width - 1) / width);
+    }
+    block_t *blocks = malloc(sizeof(block_t) * (total ? total : 1));
+    if (!blocks) return NULL;
+    int64_t b = 0, row_at = 0, column_at = 0;
+    for (int i = 0; i < n; i++) {
+        int64_t width, height;
+        block_shape(columns[i], whole_rows, &width, &height);
+        const int64_t column_blocks = width > 0 ? (columns[i] + width - 1) / width : 0;
+        for (int64_t r = 0; r < rows[i] && column_blocks; r += height)
+            for (int64_t cb = 0; cb < column_blocks; cb++, b++) {
+                blocks[b].tensor = i;
+                blocks[b].row_start = r;
+                blocks[b].row_stop = r + height < rows[i] ? r + height : rows[i];
+                blocks[b].column_start = cb * width;
+                blocks[b].column_stop = (cb + 1) * width < columns[i] ? (cb + 1) * width : columns[i];
+                blocks[b].row_partial = row_at + r * column_blocks + cb; /* a row's: a stride of column_blocks */
+                blocks[b].column_partial = column_at + (r / height) * columns[i] + cb * width;
+            }
+        row_at += rows[i] * column_blocks;
+        column_at += (rows[i] + height - 1) / height * columns[i];
+    }
+    *count = total;
+    *row_partials = row_at;
+    *column_partials = column_at;
+    return blocks;
+}
+
+/* Step 1 over one block: row r's sum into row_sums[(r - row_start) stride], the columns' into column_sums. */
+CLONES static void factored_square_sums(const float *g, int64_t columns, const block_t *block, int64_t stride,
+                                        double *row_sums, double *column_sums) {
+    const int64_t width = block->column_stop - block->column_start;
+    for (int64_t k = 0; k < width; k++) column_sums[k] = 0.0;
+    for (int64_t r = block->row_start; r < block->row_stop; r++) {
+        const float *row = g + r * columns + block->column_start;
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < width; k++) {
+            double square = (double)row[k] * (double)row[k];
+            sum += square;
+            column_sums[k] += square;
+        }
+        row_sums[(r - block->row_start) * stride] = sum;
+    }
+}
+
+/* Step 3 over one block: the sum of u^2. */
+CLONES static double factored_step_squares(const float *g, int64_t columns, const block_t *block, const float *r,
+                                           const float *c, float eps) {
+    double sum = 0.0;
+    for (int64_t row = block->row_start; row < block->row_stop; row++) {
+        const float *values = g + row * columns;
+        const float row_factor = r[row];
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = block->column_start; k < block->column_stop; k++) {
+            double u = values[k] / (row_factor * c[k] + eps);
+            sum += u * u;
+        }
+    }
+    return sum;
+}
+
+/* x rounded to the nearest integer, ties to even, for |x| < 2^22 (the default rounding mode, no libm). */
+static inline float round_even(float x) { return (x + 0x1.8p23f) - 0x1.8p23f; }
+
+/* Step 4 over one block of whole rows. */
+CLONES static void factored_update(float *p, const float *g, int8_t *codes, float *scales, int64_t columns,
+                                   const block_t *block, const float *r, const float *c, float eps, float clip,
+                                   float lr, float decay, float beta, float grad_weight, float interpolation,
+                                   float interpolation_grad_weight, float bound) {
+    for (int64_t row = block->row_start; row < block->row_stop; row++) {
+        float *p_row = p + row * columns;
+        const float *g_row = g + row * columns;
+        const float row_factor = r[row];
+        if (!codes) {
+#pragma omp simd
+            for (int64_t k = 0; k < columns; k++) {
+                float u = g_row[k] / (row_factor * c[k] + eps) / clip;
+                p_row[k] = p_row[k] * decay - u * lr;
+            }
+            continue;
+        }
+        int8_t *code_row = codes + row * columns;
+        const float old_scale = scales[row];
+        float largest = 0.0f;
+#pragma omp simd reduction(max : largest)
+        for (int64_t k = 0; k < columns; k++) {
+            float u = g_row[k] / (row_factor * c[k] + eps) / clip;
+            float m = saturate((float)code_row[k] * old_scale * beta + u * grad_weight, bound);
+            m = m < 0 ? -m : m;
+            largest = m > largest ? m : largest;
+        }
+        const float new_scale = largest / 127.0f;
+        const float divisor = new_scale > FLT_MIN ? new_scale : FLT_MIN;
+#pragma omp simd
+        for (int64_t k = 0; k < columns; k++) {
+            float u = g_row[k] / (row_factor * c[k] + eps) / clip;
+            float m = (float)code_row[k] * old_scale;
+            float direction = m * interpolation + u * interpolation_grad_weight;
+            float code = round_even(saturate(m * beta + u * grad_weight, bound) / divisor);
+            code_row[k] = (int8_t)(code > 127.0f ? 127.0f : (code < -127.0f ? -127.0f : code));
+            p_row[k] = p_row[k] * decay - direction * lr;
+        }
+        scales[row] = new_scale;
+    }
+}
+
+static double saturated(double value) { return value < FLT_MAX ? value : FLT_MAX; }
+
+/* codes and scales NULL without momentum. */
+int factored_step(int n, const int64_t *numels, float *const *params, float *const *grads, float *const *row_stats,
+                  float *const *column_stats, float *const *steps, int8_t *const *codes, float *const *scales,
+                  const int64_t *rows, const int64_t *columns, const double *corrections, double b2, float eps,
+                  float lr, float decay, float beta, float grad_weight, float interpolation,
+                  float interpolation_grad_weight, float bound, int threads) {
+    int64_t count = 0, update_count = 0, row_partials = 0, column_partials = 0, unused, total_rows = 0,
+            total_columns = 0, total = 0;
+    for (int i = 0; i < n; i++) {
+        total_rows += rows[i];
+        total_columns += columns[i];
+        total += numels[i];
+    }
+    const int parallel = total >= PARALLEL_MIN_CHUNKS * CHUNK;
+    block_t *blocks = make_blocks(n, rows, columns, 0, &count, &row_partials, &column_partials);
+    block_t *update_blocks = make_blocks(n, rows, columns, 1, &update_count, &unused, &unused);
+    double *sums = malloc(sizeof(double) * (row_partials + column_partials + count + 1));
+    float *factors = malloc(sizeof(float) * (total_rows + total_columns + n + 1));
+    int64_t *offsets = malloc(sizeof(int64_t) * (2 * n + 1));
+    if (!blocks || !update_blocks || !sums || !factors || !offsets) {
+        free(blocks), free(update_blocks), free(sums), free(factors), free(offsets);
+        return -1;
+    }
+    double *row_sums = sums, *column_sums = sums + row_partials, *block_squares = column_sums + column_partials;
+    float *r = factors, *c = factors + total_rows, *clips = c + total_columns;
+    int64_t *row_at = offsets, *column_at = offsets + n;
+    for (int64_t i = 0, at_r = 0, at_c = 0; i < n; at_r += rows[i], at_c += columns[i], i++) {
+        row_at[i] = at_r;
+        column_at[i] = at_c;
+    }
+
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (parallel)
+    for (int64_t b = 0; b < count; b++) {
+        const int i = blocks[b].tensor;
+        factored_square_sums(grads[i], columns[i], blocks + b, (columns[i] + FACTORED_COLUMNS - 1) / FACTORED_COLUMNS,
+                             row_sums + blocks[b].row_partial, column_sums + blocks[b].column_partial);
+    }
+
+    /* Step 2, tensor by tensor; the partial sums added in block order. */
+    for (int64_t i = 0, row_base = 0, column_base = 0; i < n; i++) {
+        int64_t width, height;
+        block_shape(columns[i], 0, &width, &height);
+        const int64_t column_blocks = width > 0 ? (columns[i] + width - 1) / width : 0;
+        const int64_t row_blocks = (rows[i] + height - 1) / height;
+        double row_total = 0.0;
+        for (int64_t k = 0; k < rows[i]; k++) {
+            double sum = 0.0;
+            for (int64_t cb = 0; cb < column_blocks; cb++) sum += row_sums[row_base + k * column_blocks + cb];
+            row_stats[i][k] = (float)saturated(b2 * row_stats[i][k] + (1 - b2) * sum / (columns[i] > 1 ? columns[i]
+                                                                                                       : 1));
+            row_total += row_stats[i][k];
+        }
+        for (int64_t k = 0; k < columns[i]; k++) {
+            double sum = 0.0;
+            for (int64_t rb = 0; rb < row_blocks; rb++) sum += column_sums[column_base + rb * columns[i] + k];
+            column_stats[i][k] = (float)saturated(b2 * column_stats[i][k] + (1 - b2) * sum / (rows[i] > 1 ? rows[i]
+                                                                                                         : 1));
+            c[column_at[i] + k] = (float)__builtin_sqrt((double)column_stats[i][k]);
+        }
+        steps[i][0] += 1.0f;
+        double row_mean = row_total / (rows[i] > 1 ? rows[i] : 1);
+        row_mean = row_mean > DBL_MIN ? row_mean : DBL_MIN;
+        for (int64_t k = 0; k < rows[i]; k++)
+            r[row_at[i] + k] = (float)__builtin_sqrt((double)row_stats[i][k] / (row_mean * corrections[i]));
+        row_base += rows[i] * column_blocks;
+        column_base += row_blocks * columns[i];
+    }
+
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (parallel)
+    for (int64_t b = 0; b < count; b++) {
+        const int i = blocks[b].tensor;
+        block_squares[b] = factored_step_squares(grads[i], columns[i], blocks + b, r + row_at[i], c + column_at[i],
+                                                 eps);
+    }
+    for (int i = 0; i < n; i++) clips[i] = 1.0f;
+    for (int64_t b = 0, first = 0; b < count; b++) {
+        if (b + 1 < count && blocks[b + 1].tensor == blocks[b].tensor) continue;
+        const int i = blocks[b].tensor;
+        double sum = 0.0;
+        for (int64_t k = first; k <= b; k++) sum += block_squares[k];
+        const double rms = __builtin_sqrt(sum / (numels[i] > 1 ? numels[i] : 1));
+        clips[i] = (float)(rms > 1.0 ? rms : 1.0);
+        first = b + 1;
+    }
+
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+    for (int64_t j = 0; j < update_count; j++) {
+        const int64_t b = update_count - 1 - j;
+        const int i = update_blocks[b].tensor;
+        factored_update(params[i], grads[i], codes ? codes[i] : NULL, scales ? scales[i] : NULL, columns[i],
+                        update_blocks + b, r + row_at[i], c + column_at[i], eps, clips[i], lr, decay, beta,
+                        grad_weight, interpolation, interpolation_grad_weight, bound);
+    }
+    free(blocks), free(update_blocks), free(sums), free(factors), free(offsets);
+    return 0;
+}

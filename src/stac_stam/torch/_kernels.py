@@ -60,10 +60,11 @@ class GroupTensors:
     parameter's shape. A DTensor enters as its local shard; ``shapes`` and
     ``numels`` are the whole tensors' and ``shard_meshes[i]`` the mesh and
     the mesh dimensions parameter i is sharded over (None for a plain tensor).
-    ``bf16_lists`` names the lists the C kernels also take in bfloat16.
+    ``bf16_lists`` names the lists the C kernels also take in bfloat16, ``int8_lists`` those they take in int8
+    only.
     """
 
-    def __init__(self, fused, lists, bf16_lists=()):
+    def __init__(self, fused, lists, bf16_lists=(), int8_lists=()):
         params = next(iter(lists.values()))
         self._params = params  # the whole tensors, for ``shapes``
         self.numels = list(map(torch.Tensor.numel, params))
@@ -79,14 +80,14 @@ class GroupTensors:
         self.bf16_lists = bf16_lists
         self.bf16 = False  # whether the bf16-capable lists hold bfloat16 (the C kernels' "_bf16" forms)
         self._arrays = {}  # the C path's element counts and pointer arrays, by list name, made once per step
-        self.path = "per_tensor" if not fused else "cpu" if self._c_serves(bf16_lists) else "foreach"
+        self.path = "per_tensor" if not fused else "cpu" if self._c_serves(bf16_lists, int8_lists) else "foreach"
 
     @property
     def shapes(self):
         """The whole parameters' shapes (made on demand: only the factored trunk asks)."""
         return [tuple(param.shape) for param in self._params]
 
-    def _c_serves(self, bf16_lists):
+    def _c_serves(self, bf16_lists, int8_lists):
         # Checked list by list with map (at C speed): a step of a 200-tensor model checks ~800 tensors.
         if torch.compiler.is_compiling() or not _cpu_kernels.available():
             return False
@@ -94,6 +95,10 @@ class GroupTensors:
         for name, tensors in self.lists.items():
             if not _cpu_kernels.serves(tensors):
                 return False
+            if name in int8_lists:
+                if set(map(_DTYPE, tensors)) - {torch.int8}:
+                    return False
+                continue
             dtypes[name in bf16_lists].update(map(_DTYPE, tensors))
         if dtypes[False] - {torch.float32} or len(dtypes[True]) > 1 or dtypes[True] - {torch.float32, torch.bfloat16}:
             return False

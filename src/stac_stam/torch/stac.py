@@ -1,5 +1,7 @@
 """STAC for PyTorch: a SignSGD trunk and an AdamW cap."""
 
+import array
+import ctypes
 import dataclasses
 import warnings
 from collections.abc import Mapping
@@ -11,6 +13,7 @@ from stac_stam.learning_rates import COMPACT_SIGN_LR_SCALE, RECOMMENDED_SIGN_LR_
 from stac_stam.partition import factored_shape, partition_trainable_layers, same_parameter_names
 from stac_stam.torch._base import (SkipNonfiniteOptimizer, check_flag, check_names, check_pair, check_range,
                                    require_keys, resolve_state_dtype)
+from stac_stam.torch import _cpu_kernels
 from stac_stam.torch._cpu_kernels import statistics_table
 from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, dtensor_type, largest_finite,
                                       one_minus_power, read_finite, read_sums, saturate_, sum_over_shards,
@@ -79,8 +82,12 @@ def _factored_update(tensors, *, b2, eps, **numbers):
 
     Under FSDP2 a process holds whole rows of each tensor's matrix (its shard of dim 0, maybe none), so R and
     the int8 row scales are local; C's sums, mean(R)'s and rms(u)'s are added over the shards, one
-    ``sum_over_shards`` of the group for the statistics and one for rms(u)."""
+    ``sum_over_shards`` of the group for the statistics and one for rms(u). On the C path (float32 CPU
+    tensors, int8 momentum or none, no DTensor) the kernel ``factored_step`` does all of it in one call."""
     lists = tensors.lists
+    if tensors.path == "cpu":
+        _factored_c_step(tensors, b2=b2, eps=eps, **numbers)
+        return
     wide = wide_dtype(lists["params"][0].device)
     rows_and_columns = [factored_shape(shape) for shape in tensors.shapes]  # the whole tensors'
     statistics = []  # per tensor: the column sums of g^2, then the sum of the new R
@@ -106,6 +113,24 @@ def _factored_update(tensors, *, b2, eps, **numbers):
     lists["normalized"] = normalized
     names = ["params", "normalized"] + [name for name in ("momenta", "momentum_scales") if name in lists]
     update(tensors, None, _factored_apply, names, numbers=numbers)
+
+
+def _factored_c_step(tensors, *, b2, eps, lr, decay, grad_sign, sign_momentum=0.0, grad_weight=0.0,
+                     interpolation=0.0, interpolation_grad_weight=0.0, bound=0.0):
+    lists = tensors.lists
+    names = ["params", "grads", "rows", "columns", "steps"]
+    if "momenta" in lists:
+        names += ["momenta", "momentum_scales"]
+        pointers = tensors.c_arrays(names)
+    else:  # no momentum: null codes and scales
+        pointers = tensors.c_arrays(names) + [array.array("Q", bytes(8 * len(lists["params"])))] * 2
+        lr = grad_sign * lr
+    counts = [array.array("q", map(torch.Tensor.numel, lists[name])) for name in ("rows", "columns")]
+    corrections = one_minus_power(b2, torch.stack(lists["steps"]).to(torch.float64) + 1)  # as the torch path's
+    _cpu_kernels.run("factored_step", pointers + counts, [corrections],
+                     [ctypes.c_double(b2), eps, lr, decay, sign_momentum, grad_weight, interpolation,
+                      interpolation_grad_weight, bound])
+    torch.autograd.graph.increment_version([tensor for name in names[:1] + names[2:] for tensor in lists[name]])
 
 
 def _factored_apply(params, normalized, momenta=None, momentum_scales=None, *, lr, decay, grad_sign, **momentum):
@@ -200,9 +225,11 @@ def sign_update(tensors, read, statistics, *, lr, sign_momentum, sign_interpolat
     R C^T / mean(R) is the rank-1 estimate of AdamW's v (exact for a vector),
     kept in (rows + columns) numbers per tensor: the state ``exp_avg_sq_row``,
     ``exp_avg_sq_col`` (float32 at least, saturated at their largest value)
-    and ``step``; the momentum is Adafactor's, of the normalized step. It runs
-    on the torch path (no C kernel). Under FSDP2 (``fully_shard``: dim 0
-    sharded) a process holds whole rows, so R and the int8 row scales are its
+    and ``step``; the momentum is Adafactor's, of the normalized step. On
+    float32 CPU tensors with int8 momentum or none it is one C call for the
+    group (``factored_step``: three reads of g, one of p and m, one write of
+    each). Under FSDP2 (``fully_shard``: dim 0 sharded) it runs on the torch
+    path: a process holds whole rows, so R and the int8 row scales are its
     own (DTensors placed as their parameters); C's sums, mean(R) and rms(u)
     are added over the shards (two ``all_reduce`` calls per group and step).
 
@@ -729,8 +756,9 @@ class STAC(SkipNonfiniteOptimizer):
                 lists["momenta"] = [state["momentum_buffer"] for state in states]
             if self.sign_state_dtype == torch.int8 and group["betas"][0] != 0.0:
                 lists["momentum_scales"] = [state["momentum_scale"] for state in states]
-            tensors = GroupTensors(self.fused, lists)
-            tensors.demote()  # no C kernel
+            tensors = GroupTensors(self.fused, lists, int8_lists=("momenta",))
+            if tensors.shard_meshes:
+                tensors.demote()  # the C kernel takes whole tensors: no sums over shards
             return read_finite(tensors), (states, tensors, None)
         if group["betas"][0] == 0.0:  # plain signSGD
             tensors = GroupTensors(self.fused, dict(params=params, grads=grads))
