@@ -120,6 +120,45 @@ def _ablation_section(tasks):
     return lines
 
 
+COMPACT = "STAC compact"
+COMPACT_STATE, COMPACT_GAP = 0.25, 0.02  # its target: at most a quarter of AdamW's state, within 2% of its loss
+
+
+def _compact_target_section(tasks):
+    """Per task, whether STAC compact meets its target: state at most COMPACT_STATE of AdamW's, mean validation
+    loss at most COMPACT_GAP above AdamW's, and no worse (tie or better) than each memory peer; where not, by
+    how much."""
+    if not any(COMPACT in block["optimizers"] and "AdamW" in block["optimizers"] for block in tasks.values()):
+        return []
+    lines = [f"## {COMPACT} against its target", "",
+             f"At most {COMPACT_STATE:.0%} of AdamW's state, within {COMPACT_GAP:.0%} of LR-tuned AdamW's validation "
+             f"loss, and at least a tie with " + " and ".join(MEMORY_PEERS) + " on every task.", "",
+             "| task | state vs AdamW | vs AdamW | " + " | ".join(f"vs {peer}" for peer in MEMORY_PEERS)
+             + " | target |", "|---|---:|---:|" + "---:|" * len(MEMORY_PEERS) + "---|"]
+    for task, block in tasks.items():
+        entries = block["optimizers"]
+        entry, adamw = entries.get(COMPACT), entries.get("AdamW")
+        if entry is None or adamw is None or entry.get("mean") is None:
+            continue
+        misses, cells = [], []
+        state = entry["state_bytes"] / adamw["state_bytes"]
+        if state > COMPACT_STATE:
+            misses.append(f"state {state:.0%}")
+        cell, verdict = compare(entry, adamw)
+        gap, _ = protocol.relative_gap(entry, adamw)
+        if gap is None or gap > COMPACT_GAP:
+            misses.append("no gap to AdamW" if gap is None else f"{_percent(gap)} vs AdamW"
+                          + (" (a tie at these seeds)" if verdict == "tie" else ""))
+        for peer in MEMORY_PEERS:
+            peer_cell, verdict = compare(entry, entries[peer]) if peer in entries else ("-", None)
+            cells.append(peer_cell)
+            if verdict in ("worse", None):
+                misses.append(f"behind {peer}" if verdict else f"no {peer}")
+        lines.append(f"| {task} | {state:.0%} | {cell} | " + " | ".join(cells) + " | "
+                     + ("met" if not misses else "**missed**: " + ", ".join(misses)) + " |")
+    return lines + [""]
+
+
 def _speed_columns():
     """``(key, header, format)`` of the speed entries' fields; a column shows when some entry has its field."""
     ms = ratio = lambda v: f"{v:.2f}"  # noqa: E731
@@ -238,6 +277,7 @@ def readme(result):
     for framework, tasks in result["quality"].items():
         for task, block in tasks.items():
             lines += _task_section(framework, task, block)
+    lines += _compact_target_section(result["quality"].get("torch", {}))
     lines += _ablation_section(result["quality"].get("torch", {}))
     lines += _speed_section(result.get("speed"))
     lines += _failures_section(result)

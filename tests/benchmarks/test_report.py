@@ -65,6 +65,18 @@ def test_the_readme_carries_gaps_with_standard_errors_ties_failures_and_the_chec
     assert report.headline_table(synthetic_result()) in text
 
 
+def test_stac_compacts_target_is_checked_task_by_task_and_a_miss_says_by_how_much():
+    result = synthetic_result()
+    tasks = result["quality"]["torch"]
+    tasks["task_a"]["optimizers"]["STAC compact"] = entry([1.01, 1.02, 1.0], 160)  # +1.0%: within 2%, a tie with AdamW8bit
+    tasks["task_b"]["optimizers"]["STAC compact"] = entry([1.05, 1.06, 1.04], 240)  # +5.0%, 30% of the state
+    text = report.readme(result)
+    assert "## STAC compact against its target" in text
+    assert "| task_a | 20% | +1.0% ± 0.0% | tie (+0.0% ± 0.6%) | **−9.0% ± 0.9%** | met |" in text
+    assert ("| task_b | 30% | +5.0% ± 0.0% | +4.0% ± 0.6% | **−5.4% ± 0.9%** | **missed**: state 30%, +5.0% vs "
+            "AdamW, behind AdamW8bit |") in text
+
+
 def test_the_headline_lists_the_default_suite_only():
     table = report.headline_table(synthetic_result())
     assert "| STAC |" in table and "STAC last 2" not in table and "| AdamW |" not in table
