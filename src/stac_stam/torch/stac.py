@@ -11,9 +11,9 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from stac_stam.learning_rates import COMPACT_SIGN_LR_SCALE, RECOMMENDED_SIGN_LR_SCALE, SIGN_LR_SCALE
 from stac_stam.partition import factored_shape, partition_trainable_layers, same_parameter_names
+from stac_stam.torch import _cpu_kernels
 from stac_stam.torch._base import (SkipNonfiniteOptimizer, check_flag, check_names, check_pair, check_range,
                                    require_keys, resolve_state_dtype)
-from stac_stam.torch import _cpu_kernels
 from stac_stam.torch._cpu_kernels import statistics_table
 from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, dtensor_type, largest_finite,
                                       one_minus_power, read_finite, read_sums, saturate_, sum_over_shards,
@@ -117,6 +117,8 @@ def _factored_update(tensors, *, b2, eps, **numbers):
 
 def _factored_c_step(tensors, *, b2, eps, lr, decay, grad_sign, sign_momentum=0.0, grad_weight=0.0,
                      interpolation=0.0, interpolation_grad_weight=0.0, bound=0.0):
+    """``_factored_update`` on the C path: ``factored_step`` over the group (null codes and scales without
+    momentum), given each tensor's bias correction 1 - b2^t computed as the torch path computes it."""
     lists = tensors.lists
     names = ["params", "grads", "rows", "columns", "steps"]
     if "momenta" in lists:
