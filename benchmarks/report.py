@@ -224,7 +224,9 @@ def _jax_floor_lines(block, shown):
 def _first_step_lines(first_steps):
     if not first_steps:
         return []
-    lines = ["### torch, first step in a fresh process (digits MLP)", "",
+    repeats = next(iter(first_steps.values())).get("repeats", 1)  # reports before repeats measured one
+    lines = ["### torch, first step in a fresh process (digits MLP"
+             + (f"; medians of {repeats} fresh processes, cold and warm)" if repeats > 1 else ")"), "",
              "| optimizer | cold | warm | median step | cold / median | warm / median | constructor (cold) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, e in first_steps.items():

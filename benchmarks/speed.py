@@ -57,8 +57,11 @@ process, with library caches cold (an empty ``$XDG_CACHE_HOME`` and Inductor
 cache, as after an install) and warm (the same caches again, in another fresh
 process); the constructor's time beside it (``*_construct_s``: torch.optim's
 first constructor in a process imports ``torch._dynamo``, and the library
-starts building its C kernels there where it must). A fresh process is forked
-from a server that has imported torch and nothing else (``fresh_processes``).
+starts building its C kernels there where it must). Each is the median of
+``first_step_repeats`` such pairs of processes (a first step is one sample of
+about a millisecond), on ``TORCH_THREADS`` threads as the steps above. A fresh
+process is forked from a server that has imported torch and nothing else
+(``fresh_processes``).
 ``kernels`` says where the library's C kernels came from (``packaged``: built
 at install time; ``built``: compiled into the cache).
 
@@ -111,13 +114,16 @@ JAX_FLOORS = {"STAM": "optax.adamw + gradient read"}
 MODES = {
     "quick": dict(shapes=QUICK_SHAPES, rounds=3, torch_names=dict(large=TORCH_BUT_8BIT, stack=TORCH_BUT_8BIT),
                   compile_rounds=1, jax_shapes=["large"], jax_names=JAX_LIBRARY, first_step_names=["STAC"],
+                  first_step_repeats=1,
                   transient_shapes=["stack"], preload=["torch", "torch._dynamo"]),
     "default": dict(shapes=SHAPES, rounds=11, torch_names=dict(large=["AdamW fused", *LIBRARY], stack=TORCH_BUT_8BIT),
                     compile_rounds=1, jax_shapes=list(SHAPES), jax_names=JAX_LIBRARY,
-                    first_step_names=["STAC", "STAC recommended", "STAM", "STAMLite"], transient_shapes=["stack"],
+                    first_step_names=["STAC", "STAC recommended", "STAM", "STAMLite"], first_step_repeats=3,
+                    transient_shapes=["stack"],
                     preload=["torch"]),
     "full": dict(shapes=SHAPES, rounds=15, torch_names=dict(large=None, stack=None), compile_rounds=3,
-                 jax_shapes=list(SHAPES), jax_names=None, first_step_names=None, transient_shapes=list(SHAPES),
+                 jax_shapes=list(SHAPES), jax_names=None, first_step_names=None, first_step_repeats=3,
+                 transient_shapes=list(SHAPES),
                  preload=["torch"]),
 }
 BYTES_PER_PARAM = {"AdamW fused": 28, "AdamW foreach": 28, "STAM": 36, "STAMLite": 24, "Lion": 20,
@@ -397,6 +403,7 @@ def _first_step(name, caches, results):
         import torch
         from torch import nn
 
+        torch.set_num_threads(TORCH_THREADS)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
         start = time.perf_counter()
@@ -424,37 +431,46 @@ def _first_step(name, caches, results):
         results.close()
 
 
-def first_steps(names, progress):
-    """Each optimizer's first step in a fresh process, with cold caches and then warm (module docstring)."""
+def first_steps(names, progress, repeats):
+    """Each optimizer's first step in a fresh process, with cold caches and then warm, ``repeats`` times each:
+    the medians (module docstring)."""
     import tempfile
 
     context = fresh_processes()
     results = {}
     for name in names:
-        with tempfile.TemporaryDirectory() as caches:
-            runs = []
-            for _ in ("cold", "warm"):
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_first_step, args=(name, caches, sender))
-                process.start()
-                sender.close()
-                try:
-                    run = receiver.recv()
-                except EOFError:
-                    run = {"error": "the process ended without a result"}
-                process.join()
-                if "error" in run:
-                    raise RuntimeError(f"first step of {name} failed: {run['error']}")
-                runs.append(run)
-        (cold, warm), median = runs, runs[1]["median_s"]
-        results[name] = {"cold_s": cold["first_s"], "warm_s": warm["first_s"], "median_step_s": median,
-                         "cold_construct_s": cold["construct_s"], "warm_construct_s": warm["construct_s"],
-                         "cold_ratio_to_median": cold["first_s"] / median,
-                         "warm_ratio_to_median": warm["first_s"] / median, "kernels": cold["kernels"]}
+        pairs = []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as caches:
+                runs = []
+                for _ in ("cold", "warm"):
+                    receiver, sender = context.Pipe(duplex=False)
+                    process = context.Process(target=_first_step, args=(name, caches, sender))
+                    process.start()
+                    sender.close()
+                    try:
+                        run = receiver.recv()
+                    except EOFError:
+                        run = {"error": "the process ended without a result"}
+                    process.join()
+                    if "error" in run:
+                        raise RuntimeError(f"first step of {name} failed: {run['error']}")
+                    runs.append(run)
+            pairs.append(runs)
+        median = statistics.median
+        cold_s, warm_s = median(cold["first_s"] for cold, _ in pairs), median(warm["first_s"] for _, warm in pairs)
+        results[name] = {"cold_s": cold_s, "warm_s": warm_s, "median_step_s": median(w["median_s"] for _, w in pairs),
+                         "cold_construct_s": median(cold["construct_s"] for cold, _ in pairs),
+                         "warm_construct_s": median(warm["construct_s"] for _, warm in pairs),
+                         # Each ratio against the median step of the warm process of its pair.
+                         "cold_ratio_to_median": median(cold["first_s"] / warm["median_s"] for cold, warm in pairs),
+                         "warm_ratio_to_median": median(warm["first_s"] / warm["median_s"] for _, warm in pairs),
+                         "repeats": repeats, "kernels": pairs[0][0]["kernels"]}
         if progress:
-            print(f"  torch first step {name:16s} cold {cold['first_s']:.3f} s  warm {warm['first_s'] * 1e3:.1f} ms"
-                  f"  median {median * 1e3:.2f} ms  ({cold['kernels']} kernels; constructor cold "
-                  f"{cold['construct_s']:.2f} s, warm {warm['construct_s']:.2f} s)")
+            entry = results[name]
+            print(f"  torch first step {name:16s} cold {cold_s:.3f} s  warm {warm_s * 1e3:.1f} ms  median "
+                  f"{entry['median_step_s'] * 1e3:.2f} ms, medians of {repeats} ({entry['kernels']} kernels; "
+                  f"constructor cold {entry['cold_construct_s']:.2f} s, warm {entry['warm_construct_s']:.2f} s)")
     return results
 
 
@@ -705,7 +721,8 @@ def run_speed(mode, frameworks=("torch", "jax"), progress=True):
         timed["jax"] = run_jax({name: shapes[name] for name in settings["jax_shapes"]}, rounds, compile_rounds,
                                progress, settings["jax_names"])
     if "torch" in frameworks:
-        timed["torch_first_step"] = first_steps(settings["first_step_names"] or list(_torch_optimizers()), progress)
+        timed["torch_first_step"] = first_steps(settings["first_step_names"] or list(_torch_optimizers()), progress,
+                                               settings["first_step_repeats"])
         timed["torch_fsdp2"] = run_fsdp2("stack", shapes["stack"], rounds, progress, quick)
     track_transient = "torch" in timed and transient_tracking()
     if track_transient:

@@ -93,6 +93,7 @@ def test_the_speed_benchmarks_quick_section():
         assert entry["cold_s"] > 0 and entry["warm_s"] > 0 and entry["median_step_s"] > 0, name
         assert entry["cold_construct_s"] > 0 and entry["warm_construct_s"] > 0, name
         assert entry["kernels"] in ("packaged", "built", "none"), name
+        assert entry["repeats"] == 1, name  # the quick mode's one pair of processes
     assert "STAC" in speed["torch_first_step"]
     fsdp2 = speed["torch_fsdp2"]
     assert fsdp2["world_size"] == 2 and fsdp2["optimizers"]["AdamW"]["ratio_to_yardstick"] == 1.0

@@ -121,6 +121,10 @@ def test_the_readme_shows_the_first_steps_and_the_fsdp2_ratios():
                                                    "state_bytes_per_rank": 2048}}}
     text = report.readme(result)
     assert "| STAC | 2.0 ms | 1.0 ms | 0.50 ms | 4.0x | 2.0x | 1.25 s |" in text
+    assert "### torch, first step in a fresh process (digits MLP)\n" in text  # one process each, as before repeats
+    result["speed"]["torch_first_step"]["STAC"]["repeats"] = 3
+    assert "first step in a fresh process (digits MLP; medians of 3 fresh processes, cold and warm)" in (
+        report.readme(result))
     assert "### torch, FSDP2: 2 gloo processes of 1 thread, stack shape" in text
     assert "| STAM | 12.00 | 0.30 | 2.0 KiB |" in text
 
