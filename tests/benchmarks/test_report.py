@@ -77,6 +77,25 @@ def test_stac_compacts_target_is_checked_task_by_task_and_a_miss_says_by_how_muc
             "AdamW, behind AdamW8bit |") in text
 
 
+def test_where_stac_compact_misses_the_report_names_the_ablation_rows_that_meet_the_target_there_or_the_closest():
+    result = synthetic_result()
+    tasks = result["quality"]["torch"]
+    tasks["task_c"] = json.loads(json.dumps(tasks["task_a"]))
+    for task, compact, fix in [("task_a", [1.01, 1.02, 1.0], [1.05, 1.06, 1.04]),
+                               ("task_b", [1.05, 1.06, 1.04], [1.0, 1.01, 0.99]),
+                               ("task_c", [1.05, 1.06, 1.04], [1.04, 1.05, 1.03])]:
+        tasks[task]["optimizers"]["STAC compact"] = entry(compact, 160)
+        tasks[task]["optimizers"]["STAC fix"] = entry(fix, 150, suite="ablation")  # 19% of AdamW's state
+    text = report.readme(result)
+    # task_b's miss is met by the fix, which misses the other two; "STAC last 2" (62% of the state) is no candidate.
+    assert ("- task_b, met by:\n  - STAC fix, which misses task_a: +5.0% vs AdamW, behind AdamW8bit; task_c: +4.0% "
+            "vs AdamW, behind AdamW8bit\n") in text
+    # On task_c nothing meets it: the fix is 2.0% past AdamW's allowance and 3.0% behind AdamW8bit, the larger.
+    assert ("- task_c: no row of the ablation at most 25% of AdamW's state meets it; the closest, STAC fix, is "
+            "+3.0% against AdamW8bit.") in text
+    assert "- task_a" not in text  # met
+
+
 def test_the_headline_lists_the_default_suite_only():
     table = report.headline_table(synthetic_result())
     assert "| STAC |" in table and "STAC last 2" not in table and "| AdamW |" not in table
