@@ -242,8 +242,10 @@ def _floor_lines(block, shown):
         return []
     physical = ("; physical floor: the same with the update at the bandwidth floor (a target below it is out of "
                 "reach on this host)" if "physical_floor_ratio_to_yardstick" in shown else "")
-    check = (f" The non-finite check alone: {block['nonfinite_check_ms']:.2f} ms, its read floor "
-             f"{block['nonfinite_read_floor_ms']:.2f} ms." if "nonfinite_check_ms" in block else "")
+    check = (f" The non-finite check alone: {block['nonfinite_check_ms']:.2f} ms"
+             + (f" (its C read {block['nonfinite_read_ms']:.2f} ms, the rest its per-step checks of each tensor in "
+                f"Python)" if block.get("nonfinite_read_ms") else "")
+             + f", its read floor {block['nonfinite_read_floor_ms']:.2f} ms." if "nonfinite_check_ms" in block else "")
     return [f"Own floor: the read the all-or-nothing policy needs before any write (the non-finite check, or the "
             f"statistics read that makes it) at the read floor plus the update's bytes at fused AdamW's measured "
             f"rate, as a ratio to the yardstick (a target below it is out of reach unless the update outruns fused "

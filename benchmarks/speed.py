@@ -42,7 +42,9 @@ host) or at the rate fused AdamW's step moves its 28 bytes per parameter
 (``floor_ms``: out of reach unless the update outruns fused AdamW's). The non-finite read floor
 (``nonfinite_read_floor_ms``) is one read of every gradient at the read floor;
 ``nonfinite_check_ms`` is the library's own check alone (the kernel layer's
-``read_finite`` over every gradient), timed in the same rounds.
+``read_finite`` over every gradient), timed in the same rounds, and
+``nonfinite_read_ms`` its C read alone (``nonfinite_read``: the pointers made
+once), so the rest of the check is its per-step bookkeeping in Python.
 
 JAX floor, per shape, same rounds: ``jax_floor_step``, ``optax.adamw``'s jitted
 step behind a full read of every gradient whose all-finite result gates the
@@ -303,6 +305,20 @@ def nonfinite_check(model):
     return lambda: read_finite(GroupTensors(True, {"grads": grads}))
 
 
+def nonfinite_read(model):
+    """The check's C read alone, its arrays of pointers made once: the check without its per-step bookkeeping
+    in Python (the kernel layer's checks of every tensor and its pointers); None without the C kernels."""
+    import torch
+
+    from stac_stam.torch import _cpu_kernels
+
+    if not _cpu_kernels.available():
+        return None
+    arrays = _cpu_kernels.arrays([[p.grad for p in model.parameters()]])
+    flag = torch.empty((), dtype=torch.float64)
+    return lambda: _cpu_kernels.run("finite_read", arrays, [flag])
+
+
 def _bytes(name, optimizer, n_params):
     """``(moved, read, read_pass)`` of one step (see the module docstring)."""
     if name.startswith("STAC"):
@@ -326,9 +342,11 @@ def run_torch(shapes, rounds, progress, names):
         probe, probe_times = bandwidth_probe(28 * n_params), []
         reads = {name: (read, []) for name, read in read_probes(4 * n_params).items()}
         check, check_times = nonfinite_check(model), []
+        check_read, check_read_times = nonfinite_read(model), []
         probe(), check(), *(read() for read, _ in reads.values())
         steps = [(optimizer.step, times) for _, optimizer, times in entries.values()]
         steps += [(probe, probe_times), *reads.values(), (check, check_times)]
+        steps += [(check_read, check_read_times)] if check_read else []
         for _ in range(rounds):
             for step, times in steps:
                 start = time.thread_time()  # the step's CPU time: all its work runs on this thread
@@ -337,7 +355,7 @@ def run_torch(shapes, rounds, progress, names):
         floor_seconds_per_byte = statistics.median(probe_times) / (28 * n_params)
         read_probe = min(reads, key=lambda name: statistics.median(reads[name][1]))
         read_seconds_per_byte = statistics.median(reads[read_probe][1]) / (4 * n_params)
-        del probe, reads, check, steps
+        del probe, reads, check, check_read, steps
         yardstick = statistics.median(entries["AdamW fused"][2])
         adamw_seconds_per_byte = yardstick / (28 * n_params)
         shape_results = {}
@@ -371,10 +389,13 @@ def run_torch(shapes, rounds, progress, names):
                                "nonfinite_read_floor_ms": 1e3 * nonfinite_floor,
                                "nonfinite_check_ms": 1e3 * nonfinite_check_seconds,
                                "nonfinite_check_ratio_to_floor": nonfinite_check_seconds / nonfinite_floor,
+                               "nonfinite_read_ms": 1e3 * statistics.median(check_read_times) if check_read_times
+                               else None,
                                "yardstick": "AdamW fused", "optimizers": shape_results}
         if progress:
-            print(f"  torch {shape_name:5s} non-finite check {1e3 * nonfinite_check_seconds:.2f} ms, "
-                  f"its read floor {1e3 * nonfinite_floor:.2f} ms")
+            print(f"  torch {shape_name:5s} non-finite check {1e3 * nonfinite_check_seconds:.2f} ms (its C read "
+                  f"{results[shape_name]['nonfinite_read_ms'] or float('nan'):.2f} ms), its read floor "
+                  f"{1e3 * nonfinite_floor:.2f} ms")
         del entries
     return results
 

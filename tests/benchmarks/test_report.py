@@ -164,6 +164,9 @@ def test_the_readme_shows_each_optimizers_floors_and_a_report_without_the_physic
     assert "| own floor | vs own floor | physical floor |" in text
     assert "| STAC | 12.00 | 1.20 | 0.75 | 1.60 | 0.50 |" in text
     assert "physical floor: the same with the update at the bandwidth floor" in text
+    block["nonfinite_read_ms"] = 1.3
+    assert ("The non-finite check alone: 1.50 ms (its C read 1.30 ms, the rest its per-step checks of each tensor in "
+            "Python), its read floor 1.25 ms.") in report.readme(result)
 
 
 def test_a_jax_table_shows_its_all_or_nothing_floor_and_an_older_one_renders_without_it():
