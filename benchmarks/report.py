@@ -1,6 +1,8 @@
 """``docs/benchmark/README.md``, written from ``report.json`` alone so it cannot drift from the numbers; and the
 headline table the top-level README quotes (``headline_table``)."""
 
+import math
+
 from benchmarks import protocol
 
 YARDSTICK = {"torch": "AdamW", "jax": "adamw"}
@@ -127,12 +129,14 @@ COMPACT_STATE, COMPACT_GAP = 0.25, 0.02  # its target: at most a quarter of Adam
 def _against_target(entries, name):
     """``name``'s row of one task (``entries``) against STAC compact's target: state at most COMPACT_STATE of
     AdamW's, mean validation loss at most COMPACT_GAP above AdamW's, and no worse (tie or better) than each
-    memory peer. ``(state, cell against AdamW, cells against the peers, misses)``, the misses phrases saying by
-    how much (none when it meets it); None without the row's or AdamW's result."""
+    memory peer. ``(state, cell against AdamW, cells against the peers, misses, shortfall)``: the misses are
+    phrases saying by how much (none when it meets it), the shortfall the largest loss gap past what the target
+    allows (inf where a comparison has no verdict, 0 when only the state misses); None without the row's or
+    AdamW's result."""
     entry, adamw = entries.get(name), entries.get("AdamW")
     if entry is None or adamw is None or entry.get("mean") is None:
         return None
-    misses, cells = [], []
+    misses, cells, shortfall = [], [], 0.0
     state = entry["state_bytes"] / adamw["state_bytes"]
     if state > COMPACT_STATE:
         misses.append(f"state {state:.0%}")
@@ -141,17 +145,25 @@ def _against_target(entries, name):
     if gap is None or gap > COMPACT_GAP:
         misses.append("no gap to AdamW" if gap is None else f"{_percent(gap)} vs AdamW"
                       + (" (a tie at these seeds)" if verdict == "tie" else ""))
+        shortfall = math.inf if gap is None else gap - COMPACT_GAP
     for peer in MEMORY_PEERS:
         peer_cell, verdict = compare(entry, entries[peer]) if peer in entries else ("-", None)
         cells.append(peer_cell)
-        if verdict in ("worse", None):
-            misses.append(f"behind {peer}" if verdict else f"no {peer}")
-    return state, cell, cells, misses
+        if verdict == "worse":
+            gap, _ = protocol.relative_gap(entry, entries[peer])
+            diverged = gap is None or gap <= 0  # worse through its diverged seeds
+            misses.append(f"behind {peer} (diverged seeds)" if diverged else f"{_percent(gap)} behind {peer}")
+            shortfall = math.inf if diverged else max(shortfall, gap)
+        elif verdict is None:
+            misses.append(f"no {peer} result" if peer not in entries else f"no verdict against {peer}")
+            shortfall = math.inf
+    return state, cell, cells, misses, shortfall
 
 
 def _compact_target_section(tasks):
     """Per task, whether STAC compact meets its target (``_against_target``), and where it misses, which rows of
-    the ablation meet it there and where those miss it in turn: what the miss would cost to fix."""
+    the ablation at most COMPACT_STATE of AdamW's state meet it there and where those miss it in turn (what
+    the miss would cost to fix), or the closest of them (the smallest shortfall) and by how much it misses."""
     if not any(COMPACT in block["optimizers"] and "AdamW" in block["optimizers"] for block in tasks.values()):
         return []
     lines = [f"## {COMPACT} against its target", "",
@@ -159,42 +171,38 @@ def _compact_target_section(tasks):
              f"loss, and at least a tie with " + " and ".join(MEMORY_PEERS) + " on every task.", "",
              "| task | state vs AdamW | vs AdamW | " + " | ".join(f"vs {peer}" for peer in MEMORY_PEERS)
              + " | target |", "|---|---:|---:|" + "---:|" * len(MEMORY_PEERS) + "---|"]
-    missed = []
+    fixes = []
     for task, block in tasks.items():
-        judged = _against_target(block["optimizers"], COMPACT)
+        entries = block["optimizers"]
+        judged = _against_target(entries, COMPACT)
         if judged is None:
             continue
-        state, cell, cells, misses = judged
+        state, cell, cells, misses, _ = judged
         lines.append(f"| {task} | {state:.0%} | {cell} | " + " | ".join(cells) + " | "
                      + ("met" if not misses else "**missed**: " + ", ".join(misses)) + " |")
-        missed += [task] if misses else []
-    if missed:
-        lines += ["", "Where it misses, the rows of the ablation below that meet the target there, and where they "
-                  "miss it in turn:", ""]
-    for task in missed:
-        entries = tasks[task]["optimizers"]
-        rows = [name for name, entry in entries.items() if entry.get("suite") == "ablation"
-                and (judged := _against_target(entries, name)) and judged[0] <= COMPACT_STATE]
-        meeting = [name for name in rows if not _against_target(entries, name)[3]]
+        if not misses:
+            continue
+        rows = {name: judged for name, entry in entries.items() if entry.get("suite") == "ablation"
+                and (judged := _against_target(entries, name)) and judged[0] <= COMPACT_STATE}
+        meeting = [name for name, judged in rows.items() if not judged[3]]
         if meeting:
-            lines.append(f"- {task}, met by:")
+            fixes.append(f"- {task}, met by:")
         for name in meeting:
-            elsewhere = [f"{other}: {', '.join(judged[3])}" for other, block in tasks.items()
-                         if other != task and (judged := _against_target(block["optimizers"], name)) and judged[3]]
-            lines.append(f"  - {name}, which " + ("misses " + "; ".join(elsewhere) if elsewhere
-                                                    else "meets it on every task"))
-        # The closest when none meets it: the smallest shortfall, over AdamW's allowance and each peer it must
-        # at least tie.
-        references = [(label, allowed) for label, allowed in [("AdamW", COMPACT_GAP)] + [
-            (peer, 0.0) for peer in MEMORY_PEERS] if entries.get(label, {}).get("mean")]
-        if not meeting and rows and references:
-            shortfall = lambda name: max(  # noqa: E731
-                (gap - allowed, gap, label) for label, allowed in references
-                for gap in [protocol.relative_gap(entries[name], entries[label])[0]])
-            closest = min(rows, key=shortfall)
-            _, gap, label = shortfall(closest)
-            lines.append(f"- {task}: no row of the ablation at most {COMPACT_STATE:.0%} of AdamW's state meets it; "
-                         f"the closest, {closest}, is {_percent(gap)} against {label}.")
+            elsewhere = []
+            for other, other_block in tasks.items():
+                judged = _against_target(other_block["optimizers"], name) if other != task else None
+                if other != task and (judged is None or judged[3]):
+                    elsewhere.append(f"{other}: " + ("no result" if judged is None else ", ".join(judged[3])))
+            fixes.append(f"  - {name}, which " + ("misses " + "; ".join(elsewhere) if elsewhere
+                                                   else "meets it on every task"))
+        if not meeting:
+            closest = min(rows, key=lambda name: rows[name][4], default=None)
+            fixes.append(f"- {task}: no row of the ablation at most {COMPACT_STATE:.0%} of AdamW's state meets it"
+                         + (f"; the closest, {closest}, misses it: " + ", ".join(rows[closest][3]) if closest else "")
+                         + ".")
+    if fixes:
+        lines += ["", "Where it misses, the rows of the ablation below that meet the target there, and where they "
+                  "miss it in turn:", "", *fixes]
     return lines + [""]
 
 
@@ -243,8 +251,8 @@ def _floor_lines(block, shown):
     physical = ("; physical floor: the same with the update at the bandwidth floor (a target below it is out of "
                 "reach on this host)" if "physical_floor_ratio_to_yardstick" in shown else "")
     check = (f" The non-finite check alone: {block['nonfinite_check_ms']:.2f} ms"
-             + (f" (its C read {block['nonfinite_read_ms']:.2f} ms, the rest its per-step checks of each tensor in "
-                f"Python)" if block.get("nonfinite_read_ms") else "")
+             + (f" (its C read {block['nonfinite_read_ms']:.2f} ms, the rest its per-step bookkeeping in Python: "
+                f"each tensor checked, the pointer arrays made)" if block.get("nonfinite_read_ms") else "")
              + f", its read floor {block['nonfinite_read_floor_ms']:.2f} ms." if "nonfinite_check_ms" in block else "")
     return [f"Own floor: the read the all-or-nothing policy needs before any write (the non-finite check, or the "
             f"statistics read that makes it) at the read floor plus the update's bytes at fused AdamW's measured "
@@ -267,7 +275,7 @@ def _first_step_lines(first_steps):
         return []
     repeats = next(iter(first_steps.values())).get("repeats", 1)  # reports before repeats measured one
     lines = ["### torch, first step in a fresh process (digits MLP"
-             + (f"; medians of {repeats} fresh processes, cold and warm)" if repeats > 1 else ")"), "",
+             + (f"; medians of {repeats} pairs of fresh processes, cold caches then warm)" if repeats > 1 else ")"), "",
              "| optimizer | cold | warm | median step | cold / median | warm / median | constructor (cold) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, e in first_steps.items():

@@ -59,9 +59,10 @@ process, with library caches cold (an empty ``$XDG_CACHE_HOME`` and Inductor
 cache, as after an install) and warm (the same caches again, in another fresh
 process); the constructor's time beside it (``*_construct_s``: torch.optim's
 first constructor in a process imports ``torch._dynamo``, and the library
-starts building its C kernels there where it must). Each is the median of
-``first_step_repeats`` such pairs of processes (a first step is one sample of
-about a millisecond), on ``TORCH_THREADS`` threads as the steps above. A fresh
+starts building its C kernels there where it must). Each time is the median
+over ``first_step_repeats`` such pairs of processes (a first step is one sample
+of about a millisecond), the ratios those medians' ratios, on ``TORCH_THREADS``
+threads as the steps above. A fresh
 process is forked from a server that has imported torch and nothing else
 (``fresh_processes``).
 ``kernels`` says where the library's C kernels came from (``packaged``: built
@@ -343,7 +344,7 @@ def run_torch(shapes, rounds, progress, names):
         reads = {name: (read, []) for name, read in read_probes(4 * n_params).items()}
         check, check_times = nonfinite_check(model), []
         check_read, check_read_times = nonfinite_read(model), []
-        probe(), check(), *(read() for read, _ in reads.values())
+        probe(), check(), *(read() for read, _ in reads.values()), check_read and check_read()
         steps = [(optimizer.step, times) for _, optimizer, times in entries.values()]
         steps += [(probe, probe_times), *reads.values(), (check, check_times)]
         steps += [(check_read, check_read_times)] if check_read else []
@@ -480,12 +481,11 @@ def first_steps(names, progress, repeats):
             pairs.append(runs)
         median = statistics.median
         cold_s, warm_s = median(cold["first_s"] for cold, _ in pairs), median(warm["first_s"] for _, warm in pairs)
-        results[name] = {"cold_s": cold_s, "warm_s": warm_s, "median_step_s": median(w["median_s"] for _, w in pairs),
+        median_step_s = median(warm["median_s"] for _, warm in pairs)  # the warm processes' median steps
+        results[name] = {"cold_s": cold_s, "warm_s": warm_s, "median_step_s": median_step_s,
                          "cold_construct_s": median(cold["construct_s"] for cold, _ in pairs),
                          "warm_construct_s": median(warm["construct_s"] for _, warm in pairs),
-                         # Each ratio against the median step of the warm process of its pair.
-                         "cold_ratio_to_median": median(cold["first_s"] / warm["median_s"] for cold, warm in pairs),
-                         "warm_ratio_to_median": median(warm["first_s"] / warm["median_s"] for _, warm in pairs),
+                         "cold_ratio_to_median": cold_s / median_step_s, "warm_ratio_to_median": warm_s / median_step_s,
                          "repeats": repeats, "kernels": pairs[0][0]["kernels"]}
         if progress:
             entry = results[name]
