@@ -190,8 +190,10 @@ def _compact_target_section(tasks):
         for name in meeting:
             elsewhere = []
             for other, other_block in tasks.items():
-                judged = _against_target(other_block["optimizers"], name) if other != task else None
-                if other != task and (judged is None or judged[3]):
+                if other == task:
+                    continue
+                judged = _against_target(other_block["optimizers"], name)
+                if judged is None or judged[3]:
                     elsewhere.append(f"{other}: " + ("no result" if judged is None else ", ".join(judged[3])))
             fixes.append(f"  - {name}, which " + ("misses " + "; ".join(elsewhere) if elsewhere
                                                    else "meets it on every task"))

@@ -62,9 +62,8 @@ first constructor in a process imports ``torch._dynamo``, and the library
 starts building its C kernels there where it must). Each time is the median
 over ``first_step_repeats`` such pairs of processes (a first step is one sample
 of about a millisecond), the ratios those medians' ratios, on ``TORCH_THREADS``
-threads as the steps above. A fresh
-process is forked from a server that has imported torch and nothing else
-(``fresh_processes``).
+threads as the steps above. A fresh process is forked from a server that has
+imported torch and nothing else (``fresh_processes``).
 ``kernels`` says where the library's C kernels came from (``packaged``: built
 at install time; ``built``: compiled into the cache).
 
