@@ -43,7 +43,7 @@ host) or at the rate fused AdamW's step moves its 28 bytes per parameter
 (``nonfinite_read_floor_ms``) is one read of every gradient at the read floor;
 ``nonfinite_check_ms`` is the library's own check alone (the kernel layer's
 ``read_finite`` over every gradient), timed in the same rounds, and
-``nonfinite_read_ms`` its C read alone (``nonfinite_read``: the pointers made
+``nonfinite_read_ms`` its C read alone (``c_finite_read``: the pointers made
 once), so the rest of the check is its per-step bookkeeping in Python.
 
 JAX floor, per shape, same rounds: ``jax_floor_step``, ``optax.adamw``'s jitted
@@ -274,14 +274,25 @@ def read_probes(n_bytes):
     host; the read floor is the faster of the two."""
     import torch
 
-    from stac_stam.torch import _cpu_kernels
-
     buffer = torch.ones(max(n_bytes // 4, 1))
     probes = {"torch sum": buffer.sum}
-    if _cpu_kernels.available():
-        flag = torch.empty((), dtype=torch.float64)
-        probes["C finite_read"] = lambda: _cpu_kernels.run("finite_read", _cpu_kernels.arrays([[buffer]]), [flag])
+    if (read := c_finite_read([buffer])) is not None:
+        probes["C finite_read"] = read
     return probes
+
+
+def c_finite_read(tensors):
+    """The C kernels' finiteness read over ``tensors`` alone, its arrays of pointers made once (no per-call
+    bookkeeping in Python); None without the C kernels."""
+    import torch
+
+    from stac_stam.torch import _cpu_kernels
+
+    if not _cpu_kernels.available():
+        return None
+    arrays = _cpu_kernels.arrays([tensors])
+    flag = torch.empty((), dtype=torch.float64)
+    return lambda: _cpu_kernels.run("finite_read", arrays, [flag])
 
 
 def torch_step(make, shape):
@@ -303,20 +314,6 @@ def nonfinite_check(model):
 
     grads = [p.grad for p in model.parameters()]
     return lambda: read_finite(GroupTensors(True, {"grads": grads}))
-
-
-def nonfinite_read(model):
-    """The check's C read alone, its arrays of pointers made once: the check without its per-step bookkeeping
-    in Python (the kernel layer's checks of every tensor and its pointers); None without the C kernels."""
-    import torch
-
-    from stac_stam.torch import _cpu_kernels
-
-    if not _cpu_kernels.available():
-        return None
-    arrays = _cpu_kernels.arrays([[p.grad for p in model.parameters()]])
-    flag = torch.empty((), dtype=torch.float64)
-    return lambda: _cpu_kernels.run("finite_read", arrays, [flag])
 
 
 def _bytes(name, optimizer, n_params):
@@ -342,7 +339,7 @@ def run_torch(shapes, rounds, progress, names):
         probe, probe_times = bandwidth_probe(28 * n_params), []
         reads = {name: (read, []) for name, read in read_probes(4 * n_params).items()}
         check, check_times = nonfinite_check(model), []
-        check_read, check_read_times = nonfinite_read(model), []
+        check_read, check_read_times = c_finite_read([p.grad for p in model.parameters()]), []
         probe(), check(), *(read() for read, _ in reads.values()), check_read and check_read()
         steps = [(optimizer.step, times) for _, optimizer, times in entries.values()]
         steps += [(probe, probe_times), *reads.values(), (check, check_times)]
