@@ -148,12 +148,17 @@ def test_a_read_is_finite_exactly_when_every_value_is(path):
     read = read_sums(group, "stam_lite_moments", ["grads"], stam_lite._stam_lite_sums)
     assert not read.nonfinite
     torch.testing.assert_close(read.means()[1], torch.full((2,), BIG * BIG, dtype=torch.float64), rtol=1e-12, atol=0)
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        grad = torch.ones(40000)
-        grad[-1] = bad
-        group = GroupTensors(path, dict(grads=[torch.ones(3), grad, torch.zeros(0)]))
-        assert read_finite(group).nonfinite, bad
-        assert read_sums(group, "stam_lite_moments", ["grads"], stam_lite._stam_lite_sums).nonfinite, bad
+    # The C read goes 32 values at a time, then one by one: a bad value in the first or a later chunk, in the
+    # vectors' body or in the tail, or in a tensor shorter than 32 values.
+    for size, index in ((40000, -1), (40000, 0), (40000, 20000), (40013, -1), (40013, -14), (31, 30), (1, 0)):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            grad = torch.ones(size)
+            grad[index] = bad
+            group = GroupTensors(path, dict(grads=[torch.ones(3), grad, torch.zeros(0)]))
+            assert read_finite(group).nonfinite, (size, index, bad)
+            assert read_sums(group, "stam_lite_moments", ["grads"], stam_lite._stam_lite_sums).nonfinite, bad
+        grad[index] = BIG  # the largest finite value is finite
+        assert not read_finite(GroupTensors(path, dict(grads=[grad]))).nonfinite, (size, index)
 
 
 def test_the_c_path_takes_only_plain_contiguous_float32_cpu_tensors_and_bf16_state_where_allowed():

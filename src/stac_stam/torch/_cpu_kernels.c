@@ -80,11 +80,34 @@ static chunk_t *make_chunks(int n, const int64_t *numels, int64_t *count) {
 
 /* ---- Reads ---------------------------------------------------------------------------------------------- */
 
-/* The largest |value| bit pattern of x[0:count]: at least 0x7f800000 exactly when a value is NaN or Inf. */
+/* Sixteen uint32 lanes, one 64-byte line (GCC/Clang vector extension; on a CPU without 512-bit vectors the
+   compiler splits each operation into narrower ones). */
+typedef uint32_t lanes_t __attribute__((vector_size(64)));
+
+/* The largest |value| bit pattern of x[0:count]: at least 0x7f800000 exactly when a value is NaN or Inf. Two
+   running maxima, over alternate lines, so each iteration has two loads in flight: this single-thread read then
+   keeps pace with torch's sum over the same bytes, where one running maximum (`omp simd reduction(max)`) was
+   5-10% slower. */
 CLONES static uint32_t largest_magnitude(const float *x, int64_t count) {
+    const lanes_t magnitude = (lanes_t){0} + 0x7fffffffu;
+    lanes_t even = {0}, odd = {0};
+    int64_t k = 0;
+    for (; k + 32 <= count; k += 32) {
+        lanes_t a, b;
+        memcpy(&a, x + k, sizeof a);
+        memcpy(&b, x + k + 16, sizeof b);
+        a &= magnitude;
+        b &= magnitude;
+        lanes_t a_greater = (lanes_t)(a > even), b_greater = (lanes_t)(b > odd);
+        even = (a & a_greater) | (even & ~a_greater);
+        odd = (b & b_greater) | (odd & ~b_greater);
+    }
     uint32_t largest = 0;
-#pragma omp simd reduction(max : largest)
-    for (int64_t k = 0; k < count; k++) {
+    for (int lane = 0; lane < 16; lane++) {
+        largest = even[lane] > largest ? even[lane] : largest;
+        largest = odd[lane] > largest ? odd[lane] : largest;
+    }
+    for (; k < count; k++) {
         uint32_t bits;
         memcpy(&bits, x + k, sizeof bits);
         bits &= 0x7fffffffu;
