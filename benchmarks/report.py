@@ -231,9 +231,11 @@ def _speed_section(speed):
                 continue
             floors = [f"{label} {block[key]:.1f} GB/s" for key, label in
                       (("floor_gb_per_s", "bandwidth floor"), ("read_floor_gb_per_s", "read floor")) if key in block]
+            processes = (f"; medians over {block['processes']} fresh processes' rounds"
+                         if block.get("processes", 1) > 1 else "")
             lines += [f"### {framework}, {shape}: {block.get('n_params', 0) / 1e6:.1f}M parameters in "
                       f"{block.get('n_tensors', '?')} tensors; yardstick {block.get('yardstick')}"
-                      + (f"; {', '.join(floors)}" if floors else ""), ""]
+                      + (f"; {', '.join(floors)}" if floors else "") + processes, ""]
             entries = block["optimizers"]
             columns = [c for c in _speed_columns() if any(e.get(c[0]) is not None for e in entries.values())]
             lines += (_floor_lines if framework == "torch" else _jax_floor_lines)(block, {key for key, _, _ in columns})
@@ -252,10 +254,16 @@ def _floor_lines(block, shown):
         return []
     physical = ("; physical floor: the same with the update at the bandwidth floor (a target below it is out of "
                 "reach on this host)" if "physical_floor_ratio_to_yardstick" in shown else "")
-    check = (f" The non-finite check alone: {block['nonfinite_check_ms']:.2f} ms"
-             + (f" (its C read {block['nonfinite_read_ms']:.2f} ms, the rest its per-step bookkeeping in Python: "
-                f"each tensor checked, the pointer arrays made)" if block.get("nonfinite_read_ms") else "")
-             + f", its read floor {block['nonfinite_read_floor_ms']:.2f} ms." if "nonfinite_check_ms" in block else "")
+    check = ""
+    if "nonfinite_bookkeeping_ms" in block:
+        check = (f" The non-finite check as a step pays it (its read of every gradient and the step's decision): "
+                 f"{block['nonfinite_check_ms']:.2f} ms, {block['nonfinite_check_ratio_to_floor']:.2f}x its floor, "
+                 f"torch's sum over the same bytes ({block['nonfinite_read_floor_ms']:.2f} ms); the per-tensor "
+                 f"checks and pointer arrays it reads through, made once per step for the read and the update and so "
+                 f"counted in the step's time: {block['nonfinite_bookkeeping_ms']:.2f} ms.")
+    elif "nonfinite_check_ms" in block:  # reports before the bookkeeping was timed apart
+        check = (f" The non-finite check alone: {block['nonfinite_check_ms']:.2f} ms, its read floor "
+                 f"{block['nonfinite_read_floor_ms']:.2f} ms.")
     return [f"Own floor: the read the all-or-nothing policy needs before any write (the non-finite check, or the "
             f"statistics read that makes it) at the read floor plus the update's bytes at fused AdamW's measured "
             f"rate, as a ratio to the yardstick (a target below it is out of reach unless the update outruns fused "

@@ -171,9 +171,14 @@ def test_the_readme_shows_each_optimizers_floors_and_a_report_without_the_physic
     assert "| own floor | vs own floor | physical floor |" in text
     assert "| STAC | 12.00 | 1.20 | 0.75 | 1.60 | 0.50 |" in text
     assert "physical floor: the same with the update at the bandwidth floor" in text
-    block["nonfinite_read_ms"] = 1.3
-    assert ("The non-finite check alone: 1.50 ms (its C read 1.30 ms, the rest its per-step bookkeeping in Python: "
-            "each tensor checked, the pointer arrays made), its read floor 1.25 ms.") in report.readme(result)
+    block.update(nonfinite_check_ratio_to_floor=1.2, nonfinite_bookkeeping_ms=0.4)
+    block["processes"] = 3
+    text = report.readme(result)
+    assert ("The non-finite check as a step pays it (its read of every gradient and the step's decision): 1.50 ms, "
+            "1.20x its floor, torch's sum over the same bytes (1.25 ms); the per-tensor checks and pointer arrays it "
+            "reads through, made once per step for the read and the update and so counted in the step's time: "
+            "0.40 ms.") in text
+    assert "; medians over 3 fresh processes' rounds\n" in text
 
 
 def test_a_jax_table_shows_its_all_or_nothing_floor_and_an_older_one_renders_without_it():
