@@ -290,8 +290,8 @@ def read_probes(n_bytes):
     buffer = torch.ones(max(n_bytes // 4, 1))
     probes = {"torch sum": buffer.sum}
     if _cpu_kernels.available():
-        arrays, flag = _cpu_kernels.arrays([[buffer]]), torch.empty((), dtype=torch.float64)
-        probes["C finite_read"] = lambda: _cpu_kernels.run("finite_read", arrays, [flag])
+        flag = torch.empty((), dtype=torch.float64)
+        probes["C finite_read"] = lambda: _cpu_kernels.run("finite_read", _cpu_kernels.arrays([[buffer]]), [flag])
     return probes
 
 
@@ -349,8 +349,8 @@ def _time_torch_shape(shape, rounds, names, results):
         model = next(iter(entries.values()))[0]
         n_params = sum(p.numel() for p in model.parameters())
         reads, nonfinite = read_probes(4 * n_params), nonfinite_probes(model)
-        # Each read of the gradients' copy follows a read of another buffer of their size, which leaves none of
-        # it in cache; the steps and the bandwidth probe, which write, go first.
+        # With the C kernels, each read of the gradients' copy follows a read of another buffer of their size,
+        # which leaves none of it in cache; the steps and the bandwidth probe, which write, go first.
         timed = {**{name: optimizer.step for name, (_, optimizer) in entries.items()},
                  "bandwidth": bandwidth_probe(28 * n_params), "read torch sum": reads.pop("torch sum"),
                  "check": nonfinite["check"], "bookkeeping": nonfinite["bookkeeping"],
@@ -750,6 +750,9 @@ def measure_torch_transients(results, shapes):
     built afresh, warmed up, then one step measured. Runs after all the timing: the glibc settings it needs
     (``transient_tracking``) stay for the rest of the process and slow down every step that allocates (a fresh
     mapping, page faults, each time)."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
     makers = _torch_optimizers()
     for shape_name in shapes:
         block = results[shape_name]
@@ -766,7 +769,7 @@ def run_speed(mode, frameworks=("torch", "jax"), progress=True):
                                              mode == "quick")
     timed = {}
     if "torch" in frameworks:
-        fresh_processes(settings["preload"])  # started first: its imports overlap the setup of the first steps
+        fresh_processes(settings["preload"])  # the server the PyTorch timings and first steps fork from
         timed["torch"] = run_torch(shapes, rounds, progress, settings["torch_names"], settings["torch_processes"])
     if "jax" in frameworks:
         timed["jax"] = run_jax({name: shapes[name] for name in settings["jax_shapes"]}, rounds, compile_rounds,

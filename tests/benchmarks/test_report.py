@@ -171,7 +171,8 @@ def test_the_readme_shows_each_optimizers_floors_and_a_report_without_the_physic
     assert "| own floor | vs own floor | physical floor |" in text
     assert "| STAC | 12.00 | 1.20 | 0.75 | 1.60 | 0.50 |" in text
     assert "physical floor: the same with the update at the bandwidth floor" in text
-    block.update(nonfinite_check_ratio_to_floor=1.2, nonfinite_bookkeeping_ms=0.4)
+    block.update(nonfinite_check_ratio_to_floor=1.2, nonfinite_bookkeeping_ms=0.4, processes=1)
+    assert "fresh processes" not in report.readme(result)
     block["processes"] = 3
     text = report.readme(result)
     assert ("The non-finite check as a step pays it (its read of every gradient and the step's decision): 1.50 ms, "
