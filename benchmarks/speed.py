@@ -337,40 +337,34 @@ def _bytes(name, optimizer, n_params):
             READ_PASS_BYTES_PER_PARAM.get(name, 0) * n_params)
 
 
-def _time_torch_shape(shape, rounds, names, results):
+def _time_torch_shape(shape, rounds, names):
     """In a fresh process: the optimizers ``names`` (None for all) on ``shape``, one model each, timed round-robin
-    with the floors. Sends every step's and probe's times and each optimizer's bytes, or the error."""
-    try:
-        import torch
+    with the floors. Every step's and probe's times and each optimizer's bytes."""
+    import torch
 
-        torch.set_num_threads(TORCH_THREADS)
-        entries = {name: torch_step(make, shape) for name, make in _torch_optimizers().items()
-                   if names is None or name in names}
-        model = next(iter(entries.values()))[0]
-        n_params = sum(p.numel() for p in model.parameters())
-        reads, nonfinite = read_probes(4 * n_params), nonfinite_probes(model)
-        # With the C kernels, each read of the gradients' copy follows a read of another buffer of their size,
-        # which leaves none of it in cache; the steps and the bandwidth probe, which write, go first.
-        timed = {**{name: optimizer.step for name, (_, optimizer) in entries.items()},
-                 "bandwidth": bandwidth_probe(28 * n_params), "read torch sum": reads.pop("torch sum"),
-                 "check": nonfinite["check"], "bookkeeping": nonfinite["bookkeeping"],
-                 **{"read " + name: read for name, read in reads.items()}, "gradient read": nonfinite["gradient read"]}
-        times = {name: [] for name in timed}
-        for step in timed.values():
+    torch.set_num_threads(TORCH_THREADS)
+    entries = {name: torch_step(make, shape) for name, make in _torch_optimizers().items()
+               if names is None or name in names}
+    model = next(iter(entries.values()))[0]
+    n_params = sum(p.numel() for p in model.parameters())
+    reads, nonfinite = read_probes(4 * n_params), nonfinite_probes(model)
+    # With the C kernels, each read of the gradients' copy follows a read of another buffer of their size,
+    # which leaves none of it in cache; the steps and the bandwidth probe, which write, go first.
+    timed = {**{name: optimizer.step for name, (_, optimizer) in entries.items()},
+             "bandwidth": bandwidth_probe(28 * n_params), "read torch sum": reads.pop("torch sum"),
+             "check": nonfinite["check"], "bookkeeping": nonfinite["bookkeeping"],
+             **{"read " + name: read for name, read in reads.items()}, "gradient read": nonfinite["gradient read"]}
+    times = {name: [] for name in timed}
+    for step in timed.values():
+        step()
+    for _ in range(rounds):
+        for name, step in timed.items():
+            start = time.thread_time()  # the step's CPU time: all its work runs on this thread
             step()
-        for _ in range(rounds):
-            for name, step in timed.items():
-                start = time.thread_time()  # the step's CPU time: all its work runs on this thread
-                step()
-                times[name].append(time.thread_time() - start)
-        results.send({"n_params": n_params, "n_tensors": len(list(model.parameters())), "times": times,
-                      "optimizers": {name: {"bytes": _bytes(name, optimizer, n_params),
-                                            "state_bytes": state_bytes(optimizer)}
-                                     for name, (_, optimizer) in entries.items()}})
-    except BaseException as error:  # noqa: BLE001 - reported by the parent
-        results.send({"error": f"{type(error).__name__}: {error}"})
-    finally:
-        results.close()
+            times[name].append(time.thread_time() - start)
+    return {"n_params": n_params, "n_tensors": len(list(model.parameters())), "times": times,
+            "optimizers": {name: {"bytes": _bytes(name, optimizer, n_params), "state_bytes": state_bytes(optimizer)}
+                           for name, (_, optimizer) in entries.items()}}
 
 
 def run_torch(shapes, rounds, progress, names, processes):
@@ -441,11 +435,21 @@ def fresh_processes(preload=("torch",)):
     return context
 
 
+def _send_result(target, args, sender):
+    """In a fresh process: ``target(*args)`` sent through ``sender``, or the error it raised."""
+    try:
+        sender.send(target(*args))
+    except BaseException as error:  # noqa: BLE001 - reported by the parent
+        sender.send({"error": f"{type(error).__name__}: {error}"})
+    finally:
+        sender.close()
+
+
 def in_fresh_process(context, target, *args):
-    """``target(*args, sender)`` run in a fresh process of ``context``: what it sends, or RuntimeError with the
-    error it sent."""
+    """``target(*args)`` (a dict) run in a fresh process of ``context``: what it returns, or RuntimeError with the
+    error it raised."""
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=target, args=(*args, sender))
+    process = context.Process(target=_send_result, args=(target, args, sender))
     process.start()
     sender.close()
     try:
@@ -458,43 +462,38 @@ def in_fresh_process(context, target, *args):
     return result
 
 
-def _first_step(name, caches, results):
+def _first_step(name, caches):
     """In a fresh process: ``name``'s first step on a digits-sized MLP (64-128-128-10, one forward and backward
-    before each step), then its median step; caches in ``caches``. Sends a dict, or the error."""
+    before each step), then its median step; caches in ``caches``."""
     import os
 
-    try:
-        os.environ.update(XDG_CACHE_HOME=os.path.join(caches, "xdg"),
-                          TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"))
-        import torch
-        from torch import nn
+    os.environ.update(XDG_CACHE_HOME=os.path.join(caches, "xdg"),
+                      TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"))
+    import torch
+    from torch import nn
 
-        torch.set_num_threads(TORCH_THREADS)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    torch.set_num_threads(TORCH_THREADS)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    start = time.perf_counter()
+    optimizer = _torch_optimizers()[name](model)
+    construct = time.perf_counter() - start
+    inputs, targets = torch.randn(64, 64), torch.randint(0, 10, (64,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
         start = time.perf_counter()
-        optimizer = _torch_optimizers()[name](model)
-        construct = time.perf_counter() - start
-        inputs, targets = torch.randn(64, 64), torch.randint(0, 10, (64,))
+        optimizer.step()
+        return time.perf_counter() - start
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(inputs), targets).backward()
-            start = time.perf_counter()
-            optimizer.step()
-            return time.perf_counter() - start
-
-        first = step()
-        median = statistics.median(step() for _ in range(30))
-        library = sys.modules.get("stac_stam.torch._cpu_kernels")
-        loaded = library and library._library
-        kernels = ("none" if not loaded else "packaged" if any(str(p) == loaded._name for p in library._PACKAGED)
-                   else "built")
-        results.send({"construct_s": construct, "first_s": first, "median_s": median, "kernels": kernels})
-    except BaseException as error:  # noqa: BLE001 - reported by the parent
-        results.send({"error": f"{type(error).__name__}: {error}"})
-    finally:
-        results.close()
+    first = step()
+    median = statistics.median(step() for _ in range(30))
+    library = sys.modules.get("stac_stam.torch._cpu_kernels")
+    loaded = library and library._library
+    kernels = ("none" if not loaded else "packaged" if any(str(p) == loaded._name for p in library._PACKAGED)
+               else "built")
+    return {"construct_s": construct, "first_s": first, "median_s": median, "kernels": kernels}
 
 
 def first_steps(names, progress, repeats):
