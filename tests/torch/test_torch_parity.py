@@ -299,6 +299,26 @@ def test_fused_paths_match_the_op_by_op_update(name, path, monkeypatch, paths_ta
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
+@pytest.mark.parametrize("name, path", [(name, path) for name in NAMES for path in PATHS])
+def test_a_step_bumps_the_versions_of_what_it_writes_as_torchs_in_place_ops_do(name, path, monkeypatch,
+                                                                                paths_taken):
+    # So autograd refuses a backward through a graph that saved a parameter before the step, as after a
+    # torch.optim step; the gradients, which a step only reads, keep their versions.
+    model, inputs, targets = model_and_data()
+    optimizer = on_path(path, monkeypatch, OPTIMIZERS_UNDER_TEST[name], model)
+    train(model, optimizer, inputs, targets, 1)
+    loss = (model(inputs) - targets).pow(2).mean()
+    loss.backward(retain_graph=True)
+    params = list(model.parameters())
+    param_versions, grad_versions = [p._version for p in params], [p.grad._version for p in params]
+    optimizer.step()
+    assert {group.path for group in paths_taken} == {path}
+    assert all(p._version > version for p, version in zip(params, param_versions))
+    assert [p.grad._version for p in params] == grad_versions
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("name", ["stam", "stam_lite", "stac_snr_scaled"])
 def test_tensor_statistics_edited_between_steps_are_the_ones_the_next_step_reads(name):
     # The C path keeps these 0-d entries as views of one matrix per group; a replaced or edited entry must win.

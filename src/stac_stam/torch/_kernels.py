@@ -282,8 +282,7 @@ def update(group, c_kernel, torch_update, names, vectors=None, numbers=None):
                           else [value.to(torch.float32).contiguous() for value in per_tensor])
         _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), per_tensor,
                          [float(value) for value in numbers.values()])
-        written = [tensor for tensors in lists for tensor in tensors]
-        torch.autograd.graph.increment_version(written)  # as torch's in-place ops do: autograd sees the change
+        mark_written(group, names)
         return
     if group.path == "per_tensor":
         batches = [[index] for index in range(len(lists[0]))]
@@ -299,6 +298,13 @@ def update(group, c_kernel, torch_update, names, vectors=None, numbers=None):
                          else value[indices].to(device=first.device, dtype=dtype).unbind()
                          for name, value in vectors.items()}
         torch_update(*[[tensors[i] for i in indices] for tensors in lists], **batch_vectors, **numbers)
+
+
+def mark_written(group, names):
+    """Bump the version counters of the lists ``names`` but the gradients, which a C kernel wrote in place, as
+    torch's in-place ops do: autograd then sees the change."""
+    torch.autograd.graph.increment_version([tensor for name in names if name != "grads"
+                                            for tensor in group.lists[name]])
 
 
 def _is_one_number(value):

@@ -16,7 +16,7 @@ from stac_stam.torch._base import (SkipNonfiniteOptimizer, check_flag, check_nam
                                    require_keys, resolve_state_dtype)
 from stac_stam.torch._cpu_kernels import statistics_table
 from stac_stam.torch._kernels import (GroupTensors, TensorStatistics, compute_dtype, dtensor_type, largest_finite,
-                                      one_minus_power, read_finite, read_sums, saturate_, sum_over_shards,
+                                      mark_written, one_minus_power, read_finite, read_sums, saturate_, sum_over_shards,
                                       traced_number, update, wide_dtype, widened, write_back)
 
 # Seed 000's argument names and the current names they stand for.
@@ -132,7 +132,7 @@ def _factored_c_step(tensors, *, b2, eps, lr, decay, grad_sign, sign_momentum=0.
     _cpu_kernels.run("factored_step", pointers + counts, [corrections],
                      [ctypes.c_double(b2), eps, lr, decay, sign_momentum, grad_weight, interpolation,
                       interpolation_grad_weight, bound])
-    torch.autograd.graph.increment_version([tensor for name in names[:1] + names[2:] for tensor in lists[name]])
+    mark_written(tensors, names)
 
 
 def _factored_apply(params, normalized, momenta=None, momentum_scales=None, *, lr, decay, grad_sign, **momentum):
@@ -794,6 +794,7 @@ class STAC(SkipNonfiniteOptimizer):
                          fused=all(map(_adamw_fusable, lists["params"])), foreach=False, amsgrad=group["amsgrad"],
                          beta1=traced_number(beta1), beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                          eps=group["eps"], maximize=group["maximize"])
+        mark_written(tensors, list(lists))  # torch's fused AdamW (2.13, CPU) leaves the version counters as they were
 
     # Validation and checkpoints --------------------------------------------------------------
 
