@@ -144,12 +144,13 @@ def arrays(tensor_lists):
 def run(name, numels_and_pointers, vectors=(), numbers=()):
     """``name(n, numels, *tensor_lists, *vectors, *numbers, threads)`` over n tensors: ``numels_and_pointers``
     the element counts and each tensor list's data pointers (``arrays``), each vector (a contiguous CPU tensor
-    of one value per tensor, or an output) by its data pointer, each number as a C float (a ``ctypes.c_double``
-    as it is)."""
+    of one value per tensor, or an output; a ``ctypes.c_double`` output of one number) by its address, each
+    number as a C float (a ``ctypes.c_double`` as it is)."""
     numels = numels_and_pointers[0]
     # The arrays and the vectors' tensors stay referenced through the call.
     arguments = [ctypes.c_void_p(values.buffer_info()[0]) for values in numels_and_pointers]
-    arguments += [ctypes.c_void_p(vector.data_ptr()) for vector in vectors]
+    arguments += [ctypes.byref(vector) if isinstance(vector, ctypes.c_double) else ctypes.c_void_p(vector.data_ptr())
+                  for vector in vectors]
     numbers = [number if isinstance(number, ctypes.c_double) else ctypes.c_float(number) for number in numbers]
     if getattr(_library, name)(len(numels), *arguments, *numbers, torch.get_num_threads()):
         raise MemoryError(f"{name}: out of memory for its chunk table")
