@@ -306,16 +306,22 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _states(self, group, params):
-        """Each parameter's state; a parameter without one gets ``_initial_state(group, param)``, kept by
-        ``_store_states`` once the step lands (a skipped first step leaves the state empty)."""
-        get = self.state.get
-        return [state if (state := get(param)) else self._initial_state(group, param) for param in params]
+        """Each parameter's state, and the ``(parameter, state)`` pairs of those made here: a parameter without
+        a state gets ``_initial_state(group, param)``, kept by ``_store_states`` once the step lands (a skipped
+        first step leaves the state empty)."""
+        states = list(map(self.state.get, params))
+        if all(states):
+            return states, []
+        created = [(param, self._initial_state(group, param)) for param, state in zip(params, states) if not state]
+        made = iter(created)
+        return [state or next(made)[1] for state in states], created
 
     def _initial_state(self, group, param):
         raise NotImplementedError
 
-    def _store_states(self, params, states):
-        for param, state in zip(params, states):
+    def _store_states(self, created):
+        """Keep the states ``_states`` made (each step looks every state up; only new ones are stored)."""
+        for param, state in created:
             self.state[param] = state
 
     # Checkpoints -------------------------------------------------------------------------------

@@ -139,9 +139,8 @@ class Read:
 
     def means(self):
         """Each tensor's two means, a zero-size tensor's 0: a float64 matrix of two rows, one column per tensor."""
-        numels = torch.tensor([[max(numel, 1)] for numel in self.group.numels], dtype=self.sums.dtype,
-                              device=self.sums.device)
-        return (self.sums / numels).T
+        numels = torch.tensor(self.group.numels, dtype=self.sums.dtype, device=self.sums.device).clamp_(min=1)
+        return (self.sums / numels[:, None]).T
 
 
 def read_finite(group, name="grads"):

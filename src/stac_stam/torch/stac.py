@@ -742,14 +742,14 @@ class STAC(SkipNonfiniteOptimizer):
         return state
 
     def _prepare_group(self, group, params, grads):
-        states = self._states(group, params)
+        states, created = self._states(group, params)
         if group["role"] == "adamw":
             lists = dict(params=params, grads=grads, exp_avg=[state["exp_avg"] for state in states],
                          exp_avg_sq=[state["exp_avg_sq"] for state in states])
             if group["amsgrad"]:
                 lists["max_exp_avg_sq"] = [state["max_exp_avg_sq"] for state in states]
             tensors = GroupTensors(self.fused, lists)
-            return read_finite(tensors), (states, tensors, None)
+            return read_finite(tensors), (states, created, tensors, None)
         if group["sign_step_scale"] == "factored":
             lists = dict(params=params, grads=grads, rows=[state["exp_avg_sq_row"] for state in states],
                          columns=[state["exp_avg_sq_col"] for state in states],
@@ -761,26 +761,26 @@ class STAC(SkipNonfiniteOptimizer):
             tensors = GroupTensors(self.fused, lists, int8_lists=("momenta",))
             if tensors.shard_meshes:
                 tensors.demote()  # the C kernel takes whole tensors: no sums over shards
-            return read_finite(tensors), (states, tensors, None)
+            return read_finite(tensors), (states, created, tensors, None)
         if group["betas"][0] == 0.0:  # plain signSGD
             tensors = GroupTensors(self.fused, dict(params=params, grads=grads))
-            return read_finite(tensors), (states, tensors, None)
+            return read_finite(tensors), (states, created, tensors, None)
         tensors = GroupTensors(self.fused, dict(params=params, grads=grads,
                                                 momenta=[state["momentum_buffer"] for state in states]),
                                bf16_lists=("momenta",))
         if group["sign_step_scale"] != "snr":
-            return read_finite(tensors), (states, tensors, None)
+            return read_finite(tensors), (states, created, tensors, None)
         statistics = TensorStatistics(tensors, states, TENSOR_STATISTICS,
                                       statistics_table(self, group, TENSOR_STATISTICS))
         beta = traced_number(group["betas"][0])
         read = read_sums(tensors, "snr_moments", ["grads", "momenta"], _snr_sums,
                          numbers=(beta, (-1.0 if group["maximize"] else 1.0) * (1.0 - beta),
                                   largest_finite(tensors.lists["momenta"][0].dtype)))
-        return read, (states, tensors, statistics)
+        return read, (states, created, tensors, statistics)
 
     def _update_group(self, group, params, grads, read, context):
-        states, tensors, statistics = context
-        self._store_states(params, states)
+        states, created, tensors, statistics = context
+        self._store_states(created)
         if group["role"] == "sign":
             sign_update(tensors, read, statistics, lr=group["lr"], sign_momentum=traced_number(group["betas"][0]),
                         sign_interpolation=group["sign_interpolation"], sign_step_scale=group["sign_step_scale"],

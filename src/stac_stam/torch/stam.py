@@ -167,17 +167,17 @@ class STAM(SkipNonfiniteOptimizer):
                     beta1=scalar(group["betas"][0]), beta1_product=scalar(1.0))
 
     def _prepare_group(self, group, params, grads):
-        states = self._states(group, params)
+        states, created = self._states(group, params)
         tensors = GroupTensors(self.fused, dict(params=params, grads=grads,
                                                 mus=[state["exp_avg"] for state in states],
                                                 nus=[state["exp_avg_sq"] for state in states]))
         statistics = TensorStatistics(tensors, states, _TENSOR_STATISTICS,
                                       statistics_table(self, group, _TENSOR_STATISTICS))
-        return read_sums(tensors, "stam_moments", ["grads", "mus"], _stam_sums), (states, tensors, statistics)
+        return read_sums(tensors, "stam_moments", ["grads", "mus"], _stam_sums), (states, created, tensors, statistics)
 
     def _update_group(self, group, params, grads, read, context):
-        states, tensors, statistics = context
-        self._store_states(params, states)
+        states, created, tensors, statistics = context
+        self._store_states(created)
         stam_update(tensors, read, statistics, lr=group["lr"], b1_base=traced_number(group["betas"][0]),
                     b2=group["betas"][1],
                     weight_decay=group["weight_decay"], adapt_strength=group["adapt_strength"],

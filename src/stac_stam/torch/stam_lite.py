@@ -167,16 +167,17 @@ class STAMLite(SkipNonfiniteOptimizer):
                     beta1_product=scalar(1.0))
 
     def _prepare_group(self, group, params, grads):
-        states = self._states(group, params)
+        states, created = self._states(group, params)
         tensors = GroupTensors(self.fused, dict(params=params, grads=grads,
                                                 mus=[state["exp_avg"] for state in states]), bf16_lists=("mus",))
         statistics = TensorStatistics(tensors, states, _TENSOR_STATISTICS,
                                       statistics_table(self, group, _TENSOR_STATISTICS))
-        return read_sums(tensors, "stam_lite_moments", ["grads"], _stam_lite_sums), (states, tensors, statistics)
+        read = read_sums(tensors, "stam_lite_moments", ["grads"], _stam_lite_sums)
+        return read, (states, created, tensors, statistics)
 
     def _update_group(self, group, params, grads, read, context):
-        states, tensors, statistics = context
-        self._store_states(params, states)
+        states, created, tensors, statistics = context
+        self._store_states(created)
         stam_lite_update(tensors, read, statistics, lr=group["lr"], b1_base=traced_number(group["betas"][0]),
                          weight_decay=group["weight_decay"], adapt_strength=group["adapt_strength"],
                          moment_decay=group["betas"][1], beta1_update_interval=group["beta1_update_interval"],
