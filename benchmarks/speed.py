@@ -13,7 +13,9 @@ machine hits all of them alike. PyTorch's rounds run in ``torch_processes``
 fresh processes, one model per optimizer in each, and the median is taken over
 all their rounds: on this host one buffer reads up to 30% slower than another
 of the same size by where it lies in memory, fixed for a process's life, so in
-one process a step's ratio depends on where its model and state landed.
+one process a step's ratio depends on where its model and state landed; each
+process's own ratio is kept too (``ratio_to_yardstick_per_process``,
+``nonfinite_check_ratio_per_process``), the spread around the pooled one.
 PyTorch runs on one thread (``TORCH_THREADS``)
 and its steps and floors are timed by that thread's CPU time
 (``time.thread_time``: all their work runs on it), so a step the machine's
@@ -393,6 +395,7 @@ def run_torch(shapes, rounds, progress, names, processes):
                 "framework": "torch", "step_ms_median": 1e3 * seconds, "ratio_to_yardstick": seconds / yardstick,
                 "state_bytes": static["state_bytes"], "bytes_moved_per_step": moved, "bytes_read_per_step": read,
                 "read_pass_bytes": read_pass, "floor_ms": 1e3 * floor, "ratio_to_floor": seconds / floor,
+                "ratio_to_yardstick_per_process": _per_process_ratios(runs, name, "AdamW fused"),
                 "floor_ratio_to_yardstick": floor / yardstick, "physical_floor_ms": 1e3 * physical_floor,
                 "ratio_to_physical_floor": seconds / physical_floor,
                 "physical_floor_ratio_to_yardstick": physical_floor / yardstick,
@@ -413,6 +416,7 @@ def run_torch(shapes, rounds, progress, names, processes):
                                "nonfinite_read_floor_ms": 1e3 * median["gradient read"],
                                "nonfinite_check_ms": 1e3 * median["check"],
                                "nonfinite_check_ratio_to_floor": median["check"] / median["gradient read"],
+                               "nonfinite_check_ratio_per_process": _per_process_ratios(runs, "check", "gradient read"),
                                "nonfinite_bookkeeping_ms": 1e3 * median["bookkeeping"],
                                "yardstick": "AdamW fused", "optimizers": shape_results}
         if progress:
@@ -420,6 +424,14 @@ def run_torch(shapes, rounds, progress, names, processes):
                   f"same gradients {1e3 * median['gradient read']:.2f} ms; the step's bookkeeping it reads through "
                   f"{1e3 * median['bookkeeping']:.2f} ms")
     return results
+
+
+def _per_process_ratios(runs, name, over):
+    """Each process's own ratio of its median time of ``name`` to its median of ``over`` (None for one process):
+    the spread where each process's buffers landed puts around the pooled ratio."""
+    if len(runs) == 1:
+        return None
+    return [statistics.median(run["times"][name]) / statistics.median(run["times"][over]) for run in runs]
 
 
 def fresh_processes(preload=("torch",)):

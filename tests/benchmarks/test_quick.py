@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import optimizers, report
 from benchmarks.__main__ import main
-from benchmarks.speed import run_speed
+from benchmarks.speed import _per_process_ratios, run_speed
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -61,6 +61,13 @@ def test_a_failing_run_is_marked_and_the_rest_goes_on(tmp_path, monkeypatch, cap
     readme = (tmp_path / "README.md").read_text()
     assert "| torch | digits_mlp | Broken | 0.003 | 0 | TypeError:" in readme
     assert "| Broken | - | failed | 0 / 0 / 0 |" in readme
+
+
+def test_each_process_keeps_its_own_ratio_of_medians_and_a_single_process_none():
+    runs = [{"times": {"STAC": [2.0, 2.2, 9.0], "AdamW": [1.0, 1.0, 1.1]}},
+            {"times": {"STAC": [3.0, 3.0, 3.3], "AdamW": [2.0, 2.0, 2.0]}}]
+    assert _per_process_ratios(runs, "STAC", "AdamW") == pytest.approx([2.2, 1.5])
+    assert _per_process_ratios(runs[:1], "STAC", "AdamW") is None
 
 
 def test_the_speed_benchmarks_quick_section():

@@ -180,6 +180,13 @@ def test_the_readme_shows_each_optimizers_floors_and_a_report_without_the_physic
             "reads through, made once per step for the read and the update and so counted in the step's time: "
             "0.40 ms.") in text
     assert "; medians over 3 fresh processes' rounds\n" in text
+    block.update(nonfinite_check_ratio_per_process=[1.1, 1.3, 1.2])
+    block["optimizers"]["STAC"]["ratio_to_yardstick_per_process"] = [1.1, 1.35, 1.2]
+    text = report.readme(result)
+    assert ("; medians over 3 fresh processes' rounds (each process: the range of their own ratios to the "
+            "yardstick)\n") in text
+    assert "| vs yardstick | each process | own floor |" in text and "| STAC | 12.00 | 1.20 | 1.10-1.35 | 0.75 |" in text
+    assert "1.20x its floor (each process alone: 1.10-1.30), torch's sum" in text
 
 
 def test_a_jax_table_shows_its_all_or_nothing_floor_and_an_older_one_renders_without_it():
