@@ -139,7 +139,7 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
     gradients and the per-tensor sums the update needs (STAM's residual
     moments, STAMLite's gradient moments, STAC's "snr" scale fold the
     finiteness test into that one read). Then, once ``all_finite`` has decided
-    for the step (one host sync; under FSDP2 one collective per mesh, so every
+    for the step (one host sync at most; under FSDP2 one collective per mesh, so every
     process decides alike), ``_update_group(group, params, grads, read,
     context)`` changes the parameters and the state.
     """
@@ -274,7 +274,7 @@ class SkipNonfiniteOptimizer(torch.optim.Optimizer):
 
         ``torch.compile(optimizer.step)`` traces the torch path; give ``lr`` as a 0-d tensor (as for
         ``torch.optim``) so a scheduler's new value is no new guard. ``fullgraph=True`` is not supported: the
-        decision to skip is taken on the host (one sync), because a skipped step is counted in the Python
+        decision to skip is taken on the host (one sync at most), because a skipped step is counted in the Python
         int ``nonfinite_skipped_steps`` that ``state_dict`` carries, raises with ``error_if_nonfinite``, and
         leaves a first step's state uncreated. A device-side decision (torch's fused AdamW and its
         ``found_inf``) would have to apply every update through ``torch.where(finite, new, old)``, keep the

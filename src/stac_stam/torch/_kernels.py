@@ -130,9 +130,9 @@ class GroupTensors:
 
 class Read:
     """A group's read: ``sums`` (float64, one row of two sums per tensor, or None for a finiteness read) and
-    ``nonfinite`` (a 0-d float64 tensor, or from the C finiteness read a Python float: nonzero (NaN for a read
-    with sums) when a value read is NaN or Inf), over this process's elements until ``all_finite`` adds them
-    over the tensors' meshes."""
+    ``nonfinite`` (a 0-d tensor in ``wide_dtype``, or from the C finiteness read a Python float: nonzero (NaN
+    for a read with sums) when a value read is NaN or Inf), over this process's elements until ``all_finite``
+    adds them over the tensors' meshes."""
 
     def __init__(self, group, sums, nonfinite):
         self.group, self.sums, self.nonfinite = group, sums, nonfinite
@@ -307,9 +307,12 @@ def update(group, c_kernel, torch_update, names, vectors=None, numbers=None):
         torch_update(*[[tensors[i] for i in indices] for tensors in lists], **batch_vectors, **numbers)
 
 
+@torch._disable_dynamo  # traced, AOT autograd drops the bump (torch 2.13); the caller's kernel breaks the graph anyway
 def mark_written(group, names):
-    """Bump the version counters of the lists ``names`` but the gradients, which a C kernel wrote in place, as
-    torch's in-place ops do: autograd then sees the change."""
+    """Bump the version counters of the lists ``names`` (all written in place, but ``"grads"``, which is only read
+    and keeps its version) after a kernel torch does not see write: the C kernels, and torch's fused AdamW on
+    CPU, which leaves them as they were (torch 2.13). Autograd then sees the change, as after torch's in-place
+    ops."""
     torch.autograd.graph.increment_version([tensor for name in names if name != "grads"
                                             for tensor in group.lists[name]])
 
