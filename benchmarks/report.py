@@ -211,9 +211,9 @@ def _compact_target_section(tasks):
 def _speed_columns():
     """``(key, header, format)`` of the speed entries' fields; a column shows when some entry has its field."""
     ms = ratio = lambda v: f"{v:.2f}"  # noqa: E731
-    spread = lambda v: f"{min(v):.2f}-{max(v):.2f}"  # noqa: E731
+    low_high = lambda v: f"{min(v):.2f}-{max(v):.2f}"  # noqa: E731
     return [("step_ms_median", "step ms", ms), ("ratio_to_yardstick", "vs yardstick", ratio),
-            ("ratio_to_yardstick_per_process", "each process", spread),
+            ("ratio_to_yardstick_per_process", "each process", low_high),
             ("floor_ratio_to_yardstick", "own floor", ratio), ("ratio_to_floor", "vs own floor", ratio),
             ("physical_floor_ratio_to_yardstick", "physical floor", ratio), ("state_bytes", "state", _bytes),
             ("floor_fraction", "of bandwidth floor", lambda v: f"{v:.0%}"),
@@ -234,9 +234,9 @@ def _speed_section(speed):
             floors = [f"{label} {block[key]:.1f} GB/s" for key, label in
                       (("floor_gb_per_s", "bandwidth floor"), ("read_floor_gb_per_s", "read floor")) if key in block]
             entries = block["optimizers"]
-            spread = any(e.get("ratio_to_yardstick_per_process") for e in entries.values())
+            per_process = any(e.get("ratio_to_yardstick_per_process") for e in entries.values())
             processes = (f"; medians over {block['processes']} fresh processes' rounds"
-                         + (" (each process: the range of their own ratios to the yardstick)" if spread else "")
+                         + (" (each process: the range of their own ratios to the yardstick)" if per_process else "")
                          if block.get("processes", 1) > 1 else "")
             lines += [f"### {framework}, {shape}: {block.get('n_params', 0) / 1e6:.1f}M parameters in "
                       f"{block.get('n_tensors', '?')} tensors; yardstick {block.get('yardstick')}"
@@ -262,8 +262,8 @@ def _floor_lines(block, shown):
     if "nonfinite_bookkeeping_ms" in block:
         check = (f" The non-finite check as a step pays it (its read of every gradient and the step's decision): "
                  f"{block['nonfinite_check_ms']:.2f} ms, {block['nonfinite_check_ratio_to_floor']:.2f}x its floor"
-                 + (f" (each process alone: {min(spread):.2f}-{max(spread):.2f})"
-                    if (spread := block.get("nonfinite_check_ratio_per_process")) else "")
+                 + (f" (each process alone: {min(ratios):.2f}-{max(ratios):.2f})"
+                    if (ratios := block.get("nonfinite_check_ratio_per_process")) else "")
                  + f", torch's sum over the same bytes ({block['nonfinite_read_floor_ms']:.2f} ms); the per-tensor "
                  f"checks and pointer arrays it reads through, made once per step for the read and the update and so "
                  f"counted in the step's time: {block['nonfinite_bookkeeping_ms']:.2f} ms.")
