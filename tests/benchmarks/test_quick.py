@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import optimizers, report
 from benchmarks.__main__ import main
-from benchmarks.speed import _per_process_ratios, run_speed
+from benchmarks.speed import QUICK_SHAPES, _per_process_ratios, run_jax, run_speed
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -70,6 +70,15 @@ def test_each_process_keeps_its_own_ratio_of_medians_and_a_single_process_none()
     assert _per_process_ratios(runs[:1], "STAC", "AdamW") is None
 
 
+def test_jax_times_are_pooled_over_fresh_processes_with_each_ones_ratio_kept():
+    block = run_jax({"large": QUICK_SHAPES["large"]}, 2, 1, False, ["optax.adamw", "STAC"], 2)["large"]
+    assert block["processes"] == 2
+    for name, entry in block["optimizers"].items():
+        assert len(entry["compile_s_each"]) == 2, name  # one compile in each process
+        assert len(entry["ratio_to_yardstick_per_process"]) == 2 and entry["step_ms_median"] > 0, name
+    assert block["optimizers"]["optax.adamw"]["ratio_to_yardstick_per_process"] == [1.0, 1.0]
+
+
 def test_the_speed_benchmarks_quick_section():
     speed = run_speed("quick", progress=False)
     for framework, yardstick in (("torch", "AdamW fused"), ("jax", "optax.adamw")):
@@ -109,9 +118,11 @@ def test_the_speed_benchmarks_quick_section():
         assert 0 < fsdp2["optimizers"][name]["state_bytes_per_rank"], name
     # JAX compile time: the median of one compile per round.
     for shape, block in speed["jax"].items():
+        assert block["processes"] == 1, shape
         for name, entry in block["optimizers"].items():
             assert len(entry["compile_s_each"]) == speed["compile_rounds"] >= 1, (shape, name)
             assert entry["compile_s"] == statistics.median(entry["compile_s_each"]) > 0, (shape, name)
+            assert entry["ratio_to_yardstick_per_process"] is None, (shape, name)
             # STAM is held to the all-or-nothing floor measured in the same rounds (optax.adamw + a gradient read).
             if name == "STAM":
                 assert entry["floor"] == "optax.adamw + gradient read", shape
