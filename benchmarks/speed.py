@@ -124,7 +124,7 @@ JAX_LIBRARY = ["optax.adamw", "STAM", "STAMLite", "STAC", "STAC recommended", "S
 JAX_FLOORS = {"STAM": "optax.adamw + gradient read"}
 # What each mode runs (None: every optimizer). "quick" runs every part as little as its test needs (its fresh
 # processes start with torch._dynamo imported, which torch.optim's constructors import: not a measurement of
-# a first step), "default" (the main job's) the rows issue 23 judges in about 4 minutes here, "full" every
+# a first step), "default" (the main job's) the rows issue 23 judges in about 7 minutes here, "full" every
 # optimizer everywhere with more rounds. ``preload``: what the fresh processes' server imports.
 MODES = {
     "quick": dict(shapes=QUICK_SHAPES, rounds=3, processes=1,
