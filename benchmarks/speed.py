@@ -381,7 +381,7 @@ def run_torch(shapes, rounds, progress, names, processes):
         runs = [in_fresh_process(context, _time_torch_shape, shape, rounds, names[shape_name])
                 for _ in range(processes)]
         n_params = runs[0]["n_params"]
-        median = {name: statistics.median(t for run in runs for t in run["times"][name]) for name in runs[0]["times"]}
+        median = _pooled_medians(runs)
         floor_seconds_per_byte = median["bandwidth"] / (28 * n_params)
         read_probe = min((name for name in median if name.startswith("read ")), key=median.get)
         read_seconds_per_byte = median[read_probe] / (4 * n_params)
@@ -426,6 +426,11 @@ def run_torch(shapes, rounds, progress, names, processes):
                   f"same gradients {1e3 * median['gradient read']:.2f} ms; the step's bookkeeping it reads through "
                   f"{1e3 * median['bookkeeping']:.2f} ms")
     return results
+
+
+def _pooled_medians(runs):
+    """Each timed name's median over every round of every process in ``runs``."""
+    return {name: statistics.median(t for run in runs for t in run["times"][name]) for name in runs[0]["times"]}
 
 
 def _per_process_ratios(runs, name, over):
@@ -724,7 +729,7 @@ def _time_jax_shape(shape, rounds, compile_rounds, names):
             start = time.perf_counter()
             step.step()
             times[name].append(time.perf_counter() - start)
-    leaves = jax.tree.leaves(jax_params(shape))
+    leaves = jax.tree.leaves(timed["floor"].grads)  # shaped as the parameters
     return {"n_params": int(sum(leaf.size for leaf in leaves)), "n_tensors": len(leaves), "times": times,
             "compile_times": {name: step.compile_times for name, step in entries.items()},
             "state_bytes": {name: int(step.state_bytes) for name, step in timed.items()},
@@ -739,7 +744,7 @@ def run_jax(shapes, rounds, compile_rounds, progress, names, processes):
     for shape_name, shape in shapes.items():
         runs = [in_fresh_process(context, _time_jax_shape, shape, rounds, compile_rounds, names)
                 for _ in range(processes)]
-        median = {name: statistics.median(t for run in runs for t in run["times"][name]) for name in runs[0]["times"]}
+        median = _pooled_medians(runs)
         yardstick, floor = median["optax.adamw"], median["floor"]
         compile_times = {name: [t for run in runs for t in run["compile_times"][name]]
                          for name in runs[0]["compile_times"]}
