@@ -156,9 +156,15 @@ def test_a_read_is_finite_exactly_when_every_value_is(path):
             grad[index] = bad
             group = GroupTensors(path, dict(grads=[torch.ones(3), grad, torch.zeros(0)]))
             assert read_finite(group).nonfinite, (size, index, bad)
-            assert read_sums(group, "stam_lite_moments", ["grads"], stam_lite._stam_lite_sums).nonfinite, bad
+            for kernel, (torch_sums, names, numbers, _) in READS.items():  # the statistics reads' own verdicts
+                others = {name: [torch.ones(3), torch.ones(size), torch.zeros(0)] for name in names[1:]}
+                read = read_sums(GroupTensors(path, dict(group.lists, **others)), kernel, names, torch_sums, numbers)
+                assert read.nonfinite, (kernel, size, index, bad)
         grad[index] = BIG  # the largest finite value is finite
         assert not read_finite(GroupTensors(path, dict(grads=[grad]))).nonfinite, (size, index)
+        for kernel, (torch_sums, names, numbers, _) in READS.items():
+            lists = dict(grads=[grad], **{name: [torch.ones(size)] for name in names[1:]})
+            assert not read_sums(GroupTensors(path, lists), kernel, names, torch_sums, numbers).nonfinite, kernel
 
 
 def test_the_c_path_takes_only_plain_contiguous_float32_cpu_tensors_and_bf16_state_where_allowed():

@@ -134,11 +134,13 @@ int finite_read(int n, const int64_t *numels, float *const *grads, double *nonfi
 }
 
 /* A statistics read: chunk c's two partial sums in partial[2 c], partial[2 c + 1], added per tensor into
-   sums[2 i], sums[2 i + 1] in chunk order. */
+   sums[2 i], sums[2 i + 1] in chunk order; *nonfinite = 1 if a sum is NaN or Inf (exactly when a value read
+   is), else 0. */
 typedef void (*moments_fn)(const float *g, const void *other, int64_t count, const float *numbers, double *out);
 
 static int moments_read(int n, const int64_t *numels, float *const *grads, void *const *others, size_t other_size,
-                        const float *numbers, moments_fn chunk_moments, double *sums, int threads) {
+                        const float *numbers, moments_fn chunk_moments, double *sums, double *nonfinite,
+                        int threads) {
     int64_t count;
     chunk_t *chunks = make_chunks(n, numels, &count);
     double *partial = malloc(sizeof(double) * 2 * (count ? count : 1));
@@ -158,6 +160,9 @@ static int moments_read(int n, const int64_t *numels, float *const *grads, void 
         sums[2 * chunks[c].tensor] += partial[2 * c];
         sums[2 * chunks[c].tensor + 1] += partial[2 * c + 1];
     }
+    int finite = 1;
+    for (int i = 0; i < 2 * n; i++) finite &= sums[i] - sums[i] == 0.0;
+    *nonfinite = finite ? 0.0 : 1.0;
     free(partial);
     free(chunks);
     return 0;
@@ -196,8 +201,9 @@ CLONES static void stam_lite_chunk_moments(const float *g, const void *unused, i
     out[1] = sum_sq;
 }
 
-int stam_lite_moments(int n, const int64_t *numels, float *const *grads, double *sums, int threads) {
-    return moments_read(n, numels, grads, NULL, 0, NULL, stam_lite_chunk_moments, sums, threads);
+int stam_lite_moments(int n, const int64_t *numels, float *const *grads, double *sums, double *nonfinite,
+                      int threads) {
+    return moments_read(n, numels, grads, NULL, 0, NULL, stam_lite_chunk_moments, sums, nonfinite, threads);
 }
 
 /* STAM, r = g - mu (in double: finite whenever g and mu are): sum(r^2), sum(|r|). */
@@ -215,8 +221,10 @@ CLONES static void stam_chunk_moments(const float *g, const void *mus, int64_t c
     out[1] = sum_abs;
 }
 
-int stam_moments(int n, const int64_t *numels, float *const *grads, float *const *mus, double *sums, int threads) {
-    return moments_read(n, numels, grads, (void *const *)mus, sizeof(float), NULL, stam_chunk_moments, sums, threads);
+int stam_moments(int n, const int64_t *numels, float *const *grads, float *const *mus, double *sums,
+                 double *nonfinite, int threads) {
+    return moments_read(n, numels, grads, (void *const *)mus, sizeof(float), NULL, stam_chunk_moments, sums,
+                        nonfinite, threads);
 }
 
 /* STAC's "snr" scale, with numbers = (beta, grad_weight, bound): sum(g^2) and sum(|m'|), m' the momentum the
@@ -252,10 +260,10 @@ int stam_moments(int n, const int64_t *numels, float *const *grads, float *const
         out[1] = sum_abs;                                                                                       \
     }                                                                                                           \
     int NAME(int n, const int64_t *numels, float *const *grads, STATE_T *const *momenta, double *sums,          \
-             float beta, float grad_weight, float bound, int threads) {                                         \
+             double *nonfinite, float beta, float grad_weight, float bound, int threads) {                      \
         const float numbers[3] = {beta, grad_weight, bound};                                                    \
         return moments_read(n, numels, grads, (void *const *)momenta, sizeof(STATE_T), numbers, NAME##_chunk,  \
-                            sums, threads);                                                                     \
+                            sums, nonfinite, threads);                                                          \
     }
 
 SNR_MOMENTS(snr_moments, float, f32_load)

@@ -130,9 +130,9 @@ class GroupTensors:
 
 class Read:
     """A group's read: ``sums`` (float64, one row of two sums per tensor, or None for a finiteness read) and
-    ``nonfinite`` (a 0-d tensor in ``wide_dtype``, or from the C finiteness read a Python float: nonzero (NaN
-    for a read with sums) when a value read is NaN or Inf), over this process's elements until ``all_finite``
-    adds them over the tensors' meshes."""
+    ``nonfinite`` (a 0-d tensor in ``wide_dtype``, or from the C reads a Python float: nonzero (NaN for a torch
+    read with sums) when a value read is NaN or Inf), over this process's elements until ``all_finite`` adds
+    them over the tensors' meshes."""
 
     def __init__(self, group, sums, nonfinite):
         self.group, self.sums, self.nonfinite = group, sums, nonfinite
@@ -165,11 +165,12 @@ def read_sums(group, c_kernel, names, torch_sums, numbers=()):
     lists = [group.lists[name] for name in names]
     if group.path == "cpu":
         sums = torch.empty(len(lists[0]), 2, dtype=torch.float64)
-        _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), [sums], numbers)
-    else:
-        device = lists[0][0].device
-        sums = torch.stack([torch_sums(*tensors, *numbers).to(device) for tensors in zip(*lists)])
-    # 0 when every sum is finite, else NaN (Inf * 0): two small ops, which cost ~20 us each after a C pass.
+        nonfinite = ctypes.c_double()  # the kernel's verdict on its sums: no torch op after the pass over memory
+        _cpu_kernels.run(group.kernel(c_kernel, names), group.c_arrays(names), [sums, nonfinite], numbers)
+        return Read(group, sums, nonfinite.value)
+    device = lists[0][0].device
+    sums = torch.stack([torch_sums(*tensors, *numbers).to(device) for tensors in zip(*lists)])
+    # 0 when every sum is finite, else NaN (Inf * 0).
     return Read(group, sums, (sums * 0).sum())
 
 
