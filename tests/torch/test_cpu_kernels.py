@@ -148,9 +148,11 @@ def test_a_read_is_finite_exactly_when_every_value_is(path):
     read = read_sums(group, "stam_lite_moments", ["grads"], stam_lite._stam_lite_sums)
     assert not read.nonfinite
     torch.testing.assert_close(read.means()[1], torch.full((2,), BIG * BIG, dtype=torch.float64), rtol=1e-12, atol=0)
-    # The C read goes 32 values at a time, then one by one: a bad value in the first or a later chunk, in the
-    # vectors' body or in the tail, or in a tensor shorter than 32 values.
-    for size, index in ((40000, -1), (40000, 0), (40000, 20000), (40013, -1), (40013, -14), (31, 30), (1, 0)):
+    # The C reads go in chunks of 16384 values, the finiteness read's chunk 256 values at a time, then one by
+    # one: a bad value in the first or a later chunk, first or last in a block, in the vectors' body or in the
+    # tail, or in a tensor shorter than one block.
+    for size, index in ((40000, -1), (40000, 0), (40000, 255), (40000, 16383), (40000, 20000), (40013, -1),
+                        (40013, -14), (255, 254), (31, 30), (1, 0)):
         for bad in (float("nan"), float("inf"), float("-inf")):
             grad = torch.ones(size)
             grad[index] = bad

@@ -80,38 +80,31 @@ static chunk_t *make_chunks(int n, const int64_t *numels, int64_t *count) {
 
 /* ---- Reads ---------------------------------------------------------------------------------------------- */
 
-/* Sixteen uint32 lanes, one 64-byte line (GCC/Clang vector extension; on a CPU without 512-bit vectors the
-   compiler splits each operation into narrower ones). */
-typedef uint32_t lanes_t __attribute__((vector_size(64)));
+/* The largest |value| bit pattern of x[0:count], as an int32 (the sign bit cleared, so signed order is the
+   unsigned one and every instruction set has the compare): at least 0x7f800000 exactly when a value is NaN or
+   Inf. Blocks of 256 values, each reduced on its own: with AVX-512 the compiler unrolls a block into 16
+   independent loads reduced as a tree, which reads ~3% faster than torch's sum over the same bytes on this
+   project's benchmark host; one running maximum over the whole range (a chain of dependent maxima) read 5-10%
+   slower, and 64-byte vectors of the GCC extension compiled to scalar code for AVX2 (4.4x torch's sum). With
+   AVX2 this form reads at ~1.25x torch's sum, and ~3x with the baseline's SSE2. */
+typedef int32_t __attribute__((may_alias)) float_bits_t; /* a float's bits, read through a float pointer */
 
-/* The largest |value| bit pattern of x[0:count]: at least 0x7f800000 exactly when a value is NaN or Inf. Two
-   running maxima, over alternate lines, so each iteration has two loads in flight: this single-thread read then
-   keeps pace with torch's sum over the same bytes, where one running maximum (`omp simd reduction(max)`) was
-   5-10% slower. */
-CLONES static uint32_t largest_magnitude(const float *x, int64_t count) {
-    const lanes_t magnitude = (lanes_t){0} + 0x7fffffffu;
-    lanes_t even = {0}, odd = {0};
+CLONES static int32_t largest_magnitude(const float *x, int64_t count) {
+    const float_bits_t *bits = (const float_bits_t *)x;
+    int32_t largest = 0;
     int64_t k = 0;
-    for (; k + 32 <= count; k += 32) {
-        lanes_t a, b;
-        memcpy(&a, x + k, sizeof a);
-        memcpy(&b, x + k + 16, sizeof b);
-        a &= magnitude;
-        b &= magnitude;
-        lanes_t a_greater = (lanes_t)(a > even), b_greater = (lanes_t)(b > odd);
-        even = (a & a_greater) | (even & ~a_greater);
-        odd = (b & b_greater) | (odd & ~b_greater);
-    }
-    uint32_t largest = 0;
-    for (int lane = 0; lane < 16; lane++) {
-        largest = even[lane] > largest ? even[lane] : largest;
-        largest = odd[lane] > largest ? odd[lane] : largest;
+    for (; k + 256 <= count; k += 256) {
+        int32_t block = 0;
+#pragma omp simd reduction(max : block)
+        for (int j = 0; j < 256; j++) {
+            int32_t magnitude = bits[k + j] & 0x7fffffff;
+            block = magnitude > block ? magnitude : block;
+        }
+        largest = block > largest ? block : largest;
     }
     for (; k < count; k++) {
-        uint32_t bits;
-        memcpy(&bits, x + k, sizeof bits);
-        bits &= 0x7fffffffu;
-        largest = bits > largest ? bits : largest;
+        int32_t magnitude = bits[k] & 0x7fffffff;
+        largest = magnitude > largest ? magnitude : largest;
     }
     return largest;
 }
@@ -121,15 +114,15 @@ int finite_read(int n, const int64_t *numels, float *const *grads, double *nonfi
     int64_t count;
     chunk_t *chunks = make_chunks(n, numels, &count);
     if (!chunks) return -1;
-    uint32_t largest = 0;
+    int32_t largest = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(max : largest) \
     if (count >= PARALLEL_MIN_CHUNKS)
     for (int64_t c = 0; c < count; c++) {
-        uint32_t chunk = largest_magnitude(grads[chunks[c].tensor] + chunks[c].start, chunks[c].stop - chunks[c].start);
+        int32_t chunk = largest_magnitude(grads[chunks[c].tensor] + chunks[c].start, chunks[c].stop - chunks[c].start);
         largest = chunk > largest ? chunk : largest;
     }
     free(chunks);
-    *nonfinite = largest >= 0x7f800000u ? 1.0 : 0.0;
+    *nonfinite = largest >= 0x7f800000 ? 1.0 : 0.0;
     return 0;
 }
 
