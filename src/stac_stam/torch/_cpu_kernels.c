@@ -83,10 +83,10 @@ static chunk_t *make_chunks(int n, const int64_t *numels, int64_t *count) {
 /* The largest |value| bit pattern of x[0:count], as an int32 (the sign bit cleared, so signed order is the
    unsigned one and every instruction set has the compare): at least 0x7f800000 exactly when a value is NaN or
    Inf. Blocks of 256 values, each reduced on its own: with AVX-512 the compiler unrolls a block into 16
-   independent loads reduced as a tree, which reads ~3% faster than torch's sum over the same bytes on this
-   project's benchmark host; one running maximum over the whole range (a chain of dependent maxima) read 5-10%
-   slower, and 64-byte vectors of the GCC extension compiled to scalar code for AVX2 (4.4x torch's sum). With
-   AVX2 this form reads at ~1.25x torch's sum, and ~3x with the baseline's SSE2. */
+   independent loads reduced as a tree, and the read keeps pace with torch's sum over the same bytes (one
+   running maximum over the whole range, a chain of dependent maxima, reads 5-10% slower; 64-byte vectors of
+   the GCC extension compile to scalar code for AVX2). With AVX2 this form reads at ~1.25x torch's sum, and ~3x
+   with the baseline's SSE2. */
 typedef int32_t __attribute__((may_alias)) float_bits_t; /* a float's bits, read through a float pointer */
 
 CLONES static int32_t largest_magnitude(const float *x, int64_t count) {
